@@ -1,0 +1,181 @@
+"""The pytorch/examples DCGAN (Radford et al. 2015) with a switchable execution backend.
+
+Both networks keep the example's `main = nn.Sequential(...)` with the same module indices, so
+state_dict keys and shapes are identical (`main.0.weight`, `main.1.running_mean`, ...) and a
+`netG_epoch_24.pth` written by the example loads with `load_state_dict`.
+
+backend:
+  "reference": the eager PyTorch modules (cuDNN on GPU).
+  "triton":    every conv+BN+activation block through the fused ops in fastdcgan.ops.
+  "auto":      triton for CUDA inputs, reference otherwise (chosen per call).
+"""
+import torch
+from torch import nn
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+def _check_backend(backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def weights_init(m):
+    """The example's init: conv weights N(0, 0.02); BN weight N(1, 0.02), bias 0."""
+    name = m.__class__.__name__
+    if "Conv" in name:
+        nn.init.normal_(m.weight, 0.0, 0.02)
+    elif "BatchNorm" in name:
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+
+
+def fused_blocks(modules):
+    """Groups a (prefix of) `main` into (conv, bn or None, (activation, slope)) blocks."""
+    blocks, mods, i = [], list(modules), 0
+    while i < len(mods):
+        conv, i = mods[i], i + 1
+        bn = None
+        if i < len(mods) and isinstance(mods[i], nn.BatchNorm2d):
+            bn, i = mods[i], i + 1
+        act = ("none", 0.0)
+        if i < len(mods) and not isinstance(mods[i], (nn.Conv2d, nn.ConvTranspose2d)):
+            act, i = _activation_name(mods[i]), i + 1
+        blocks.append((conv, bn, act))
+    return blocks
+
+
+def _activation_name(m):
+    if isinstance(m, nn.ReLU):
+        return "relu", 0.0
+    if isinstance(m, nn.LeakyReLU):
+        return "leaky_relu", m.negative_slope
+    if isinstance(m, nn.Tanh):
+        return "tanh", 0.0
+    if isinstance(m, nn.Sigmoid):
+        return "sigmoid", 0.0
+    if isinstance(m, nn.Identity):
+        return "none", 0.0
+    raise TypeError(f"no fused activation for {type(m).__name__}")
+
+
+class _DCGANBase(nn.Module):
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = _check_backend(backend)
+
+    def set_backend(self, backend):
+        self.backend = _check_backend(backend)
+        return self
+
+    def _use_triton(self, x):
+        if self.backend == "triton":
+            return True
+        return self.backend == "auto" and x.is_cuda
+
+    def _check_input(self, x, channels, what):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != channels:
+            raise ValueError(f"{what} must have shape (B, {channels}, H, W), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{what} must be a floating-point tensor, got {x.dtype}")
+        p = next(self.parameters())
+        if x.device != p.device:
+            raise ValueError(f"{what} is on {x.device} but the model is on {p.device}")
+
+    def _run(self, x, modules):
+        """Runs `modules` (a prefix of main) either eagerly or as fused blocks."""
+        if not self._use_triton(x):
+            return modules(x)
+        from fastdcgan import ops
+
+        for conv, bn, (act, slope) in fused_blocks(modules):
+            transposed = isinstance(conv, nn.ConvTranspose2d)
+            fn = ops.conv_transpose_bn_act if transposed else ops.conv_bn_act
+            kwargs = dict(stride=conv.stride[0], padding=conv.padding[0], activation=act)
+            if act == "leaky_relu":
+                kwargs["negative_slope"] = slope
+            if bn is None:
+                x = fn(x, conv.weight, None, None, None, None, **kwargs)
+                continue
+            training = bn.training or bn.running_mean is None
+            if training and bn.track_running_stats and bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+            x = fn(x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                   training=training, momentum=bn.momentum, eps=bn.eps, **kwargs)
+        return x
+
+
+class Generator(_DCGANBase):
+    """z (B, nz, 1, 1) or (B, nz) -> images (B, nc, 64, 64) in [-1, 1]."""
+
+    def __init__(self, nz=100, ngf=64, nc=3, backend="auto"):
+        super().__init__(backend)
+        self.nz, self.ngf, self.nc = nz, ngf, nc
+        self.main = nn.Sequential(
+            nn.ConvTranspose2d(nz, ngf * 8, 4, 1, 0, bias=False),
+            nn.BatchNorm2d(ngf * 8),
+            nn.ReLU(True),
+            nn.ConvTranspose2d(ngf * 8, ngf * 4, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ngf * 4),
+            nn.ReLU(True),
+            nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ngf * 2),
+            nn.ReLU(True),
+            nn.ConvTranspose2d(ngf * 2, ngf, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ngf),
+            nn.ReLU(True),
+            nn.ConvTranspose2d(ngf, nc, 4, 2, 1, bias=False),
+            nn.Tanh(),
+        )
+        self.apply(weights_init)
+
+    def forward(self, z):
+        if isinstance(z, torch.Tensor) and z.dim() == 2:
+            z = z[:, :, None, None]
+        self._check_input(z, self.nz, "latent z")
+        if z.shape[2:] != (1, 1):
+            raise ValueError(f"latent z must have shape (B, {self.nz}) or (B, {self.nz}, 1, 1), "
+                             f"got {tuple(z.shape)}")
+        return self._run(z, self.main)
+
+
+class Discriminator(_DCGANBase):
+    """images (B, nc, 64, 64) -> probability of real, shape (B,), like the example."""
+
+    def __init__(self, nc=3, ndf=64, backend="auto"):
+        super().__init__(backend)
+        self.nc, self.ndf = nc, ndf
+        self.main = nn.Sequential(
+            nn.Conv2d(nc, ndf, 4, 2, 1, bias=False),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ndf * 2),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(ndf * 2, ndf * 4, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ndf * 4),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(ndf * 4, ndf * 8, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ndf * 8),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(ndf * 8, 1, 4, 1, 0, bias=False),
+            nn.Sigmoid(),
+        )
+        self.apply(weights_init)
+
+    def _checked(self, x):
+        self._check_input(x, self.nc, "images")
+        if x.shape[2:] != (64, 64):
+            raise ValueError(f"images must be 64x64, got {tuple(x.shape[2:])}")
+        return x
+
+    def logits(self, x):
+        """Pre-sigmoid scores, shape (B,): what training feeds to BCE-with-logits."""
+        x = self._checked(x)
+        return self._run(x, self.main[:-1]).reshape(-1)
+
+    def forward(self, x):
+        x = self._checked(x)
+        return self._run(x, self.main).reshape(-1)

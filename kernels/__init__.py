@@ -1,0 +1,1 @@
+"""Fused Triton kernels of fastdcgan (installed as fastdcgan.kernels)."""
