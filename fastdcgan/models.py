@@ -135,10 +135,10 @@ class Generator(_DCGANBase):
     def forward(self, z):
         if isinstance(z, torch.Tensor) and z.dim() == 2:
             z = z[:, :, None, None]
-        self._check_input(z, self.nz, "latent z")
-        if z.shape[2:] != (1, 1):
+        if isinstance(z, torch.Tensor) and (z.dim() != 4 or z.shape[1:] != (self.nz, 1, 1)):
             raise ValueError(f"latent z must have shape (B, {self.nz}) or (B, {self.nz}, 1, 1), "
                              f"got {tuple(z.shape)}")
+        self._check_input(z, self.nz, "latent z")
         return self._run(z, self.main)
 
 

@@ -1,0 +1,73 @@
+"""Sample faces from a trained generator: `python -m fastdcgan.generate --checkpoint CKPT`.
+
+Accepts a fastdcgan checkpoint (checkpoint.pt from fastdcgan.train) or a bare pytorch/examples
+`netG_epoch_N.pth`. Writes one PNG grid.
+"""
+import argparse
+import sys
+
+import torch
+
+from fastdcgan.checkpoint import CheckpointError, load_generator
+from fastdcgan.images import save_grid
+from fastdcgan.models import BACKENDS
+
+
+def generate(generator, num, seed=0, train_bn=False, batch_size=512):
+    """num images in [-1, 1] from N(0, I) latents drawn with `seed` (same seed, same images).
+
+    train_bn=False uses the running BN statistics (G.eval()), as at deployment; True normalises
+    with each batch's own statistics, as during training (the two differ, most early in training).
+    """
+    device = next(generator.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    z = torch.randn(num, generator.nz, 1, 1, generator=gen).to(device)
+    was_training = generator.training
+    generator.train(train_bn)
+    try:
+        with torch.no_grad():
+            # Batch statistics depend on the batch, so train_bn runs all latents as one batch.
+            chunks = [z] if train_bn else z.split(batch_size)
+            return torch.cat([generator(zb) for zb in chunks])
+    finally:
+        generator.train(was_training)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m fastdcgan.generate",
+                                description="Write a grid of generated faces.")
+    p.add_argument("--checkpoint", "--netG", dest="checkpoint", required=True,
+                   help="checkpoint.pt from fastdcgan.train, or a pytorch/examples netG_epoch_N.pth")
+    p.add_argument("--num", type=int, default=64, help="number of images")
+    p.add_argument("--nrow", type=int, default=8, help="images per grid row")
+    p.add_argument("--out", default="samples.png", help="PNG file to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--train-bn", action="store_true",
+                   help="normalise with batch statistics instead of the running ones (G.eval(), "
+                        "the default); early in training the two give visibly different images")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.num <= 0 or args.nrow <= 0:
+        print("error: --num and --nrow must be positive", file=sys.stderr)
+        return 1
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        G = load_generator(args.checkpoint, device=device, backend=args.backend)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    images = generate(G, args.num, seed=args.seed, train_bn=args.train_bn)
+    save_grid(images, args.out, nrow=args.nrow)
+    print(f"wrote {args.num} images to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
