@@ -21,25 +21,72 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken setup
 here = os.path.dirname(os.path.abspath(__file__))
 
 
+# Files of the C++/CUDA extension. fastdcgan/_ext.py hashes the same set the same way and, when the
+# source tree is present, refuses a build whose compiled-in hash differs (a stale extension).
+EXT_SOURCE_PATTERNS = ("*.cpp", "*.h", "*.cu", "*.cuh")
+
+
+def csrc_source_hash(root=here):
+    """sha256 over csrc/**/{*.cpp,*.h,*.cu,*.cuh}: relative posix path and bytes of each, sorted.
+    Keep in sync with fastdcgan/_ext.py:csrc_source_hash."""
+    import hashlib
+
+    csrc = os.path.join(root, "csrc")
+    files = set()
+    for pattern in EXT_SOURCE_PATTERNS:
+        files.update(glob.glob(os.path.join(csrc, "**", pattern), recursive=True))
+    h = hashlib.sha256()
+    for path in sorted(os.path.relpath(f, csrc).replace(os.sep, "/") for f in files):
+        h.update(path.encode() + b"\0")
+        with open(os.path.join(csrc, path), "rb") as fh:
+            h.update(fh.read())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def _want_cuda(cu):
+    """CUDA sources are built when there are any, torch is a CUDA build and nvcc is found, and either a
+    GPU is visible or FASTDCGAN_FORCE_CUDA=1 (e.g. building in a container without a GPU).
+    FASTDCGAN_FORCE_CUDA=0 builds the CPU-only extension even on a GPU machine.
+    The target GPUs come from TORCH_CUDA_ARCH_LIST (e.g. "9.0" for H100/H200), read by
+    torch.utils.cpp_extension; unset, it builds for the visible GPUs."""
+    force = os.environ.get("FASTDCGAN_FORCE_CUDA")
+    if not cu or force == "0":
+        return False
+    if torch.version.cuda is None or CUDA_HOME is None:
+        if force == "1":
+            raise SystemExit("FASTDCGAN_FORCE_CUDA=1 but torch is a CPU build "
+                             f"(torch {torch.__version__}) or nvcc was not found (CUDA_HOME unset)")
+        return False
+    return force == "1" or torch.cuda.is_available()
+
+
 def extension_modules():
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if not cpp:
         return []
     cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    with_cuda = bool(cu) and torch.cuda.is_available() or os.environ.get("FASTDCGAN_FORCE_CUDA") == "1"
-    with_cuda = with_cuda and CUDA_HOME is not None and torch.version.cuda is not None
-    cxx = ["-O3", "-fdiagnostics-color=always"]
+    with_cuda = _want_cuda(cu)
+    macros = [("FASTDCGAN_SOURCE_HASH", "h" + csrc_source_hash())]
+    # -fno-math-errno lets GCC vectorise sqrtf; -ffp-contract=off keeps the CPU Adam update the
+    # same sequence of IEEE fp32 operations as torch.optim.Adam's tensor ops (no FMA contraction).
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-fdiagnostics-color=always"]
+    print(f"fastdcgan: building fastdcgan._C with {'CPU + CUDA' if with_cuda else 'CPU only'} ops"
+          + (f" (TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<visible GPUs>')})"
+             if with_cuda else ""))
     if with_cuda:
         return [
             CUDAExtension(
                 "fastdcgan._C",
                 cpp + cu,
-                define_macros=[("FASTDCGAN_WITH_CUDA", None)],
-                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]},
+                define_macros=macros + [("FASTDCGAN_WITH_CUDA", None)],
+                # no --use_fast_math: the Adam/BCE kernels are memory-bound and keep IEEE sqrt/div/exp.
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+                extra_link_args=["-fopenmp"],
                 py_limited_api=False,
             )
         ]
-    return [CppExtension("fastdcgan._C", cpp, extra_compile_args={"cxx": cxx + ["-fopenmp"]},
+    return [CppExtension("fastdcgan._C", cpp, define_macros=macros, extra_compile_args=cxx,
                          extra_link_args=["-fopenmp"])]
 
 

@@ -1,0 +1,99 @@
+// fastdcgan._C: operator schemas (TORCH_LIBRARY), argument checks, and the Python module stub.
+//
+// Ops (namespace `fastdcgan`, so torch.ops.fastdcgan.<name>):
+//   adam_step(param!, grad, exp_avg!, exp_avg_sq!, step!, lr, beta1, beta2, eps, weight_decay, sync!?)
+//       One torch.optim.Adam step (L2 weight decay, no amsgrad/maximize) over flat fp32 buffers,
+//       in place. `step` (fp32, one element) is read and incremented inside the op, so a CUDA
+//       graph that captured the call replays correctly. `sync` (int32, one element, zero) lets the
+//       CUDA kernel increment `step` from its last finished block (one launch); without it CUDA
+//       uses a second tiny launch. CPU ignores it. It is left zero.
+//   bce_with_logits(logits, target) -> (loss, grad)
+//       mean binary cross-entropy of `logits` against the constant `target`, and dloss/dlogits,
+//       in one pass.
+// Implementations: CPU in adam_cpu.cpp / bce_cpu.cpp (always built), CUDA in cuda/*.cu (built when
+// setup.py sees CUDA). Fake (meta) implementations and autograd live in fastdcgan/_ext.py.
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include "fastdcgan.h"
+
+#ifndef FASTDCGAN_SOURCE_HASH
+#error "FASTDCGAN_SOURCE_HASH must be defined by setup.py (a hash of the csrc/ sources)"
+#endif
+#define FASTDCGAN_STR_(x) #x
+#define FASTDCGAN_STR(x) FASTDCGAN_STR_(x)
+
+namespace fastdcgan {
+
+void check_adam_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                     const at::Tensor& exp_avg_sq, const at::Tensor& step,
+                     const std::optional<at::Tensor>& sync) {
+  const auto n = param.numel();
+  const at::Tensor* bufs[] = {&param, &grad, &exp_avg, &exp_avg_sq};
+  const char* names[] = {"param", "grad", "exp_avg", "exp_avg_sq"};
+  for (int i = 0; i < 4; ++i) {
+    const at::Tensor& t = *bufs[i];
+    TORCH_CHECK(t.scalar_type() == at::kFloat, "fastdcgan::adam_step: ", names[i],
+                " must be float32, got ", t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), "fastdcgan::adam_step: ", names[i], " must be contiguous");
+    TORCH_CHECK(t.numel() == n, "fastdcgan::adam_step: ", names[i], " has ", t.numel(),
+                " elements, param has ", n);
+    TORCH_CHECK(t.device() == param.device(), "fastdcgan::adam_step: ", names[i], " is on ",
+                t.device(), ", param on ", param.device());
+  }
+  TORCH_CHECK(step.scalar_type() == at::kFloat && step.numel() == 1,
+              "fastdcgan::adam_step: step must be a float32 tensor with one element, got ",
+              step.scalar_type(), " with ", step.numel(), " elements");
+  TORCH_CHECK(step.device() == param.device(), "fastdcgan::adam_step: step is on ", step.device(),
+              ", param on ", param.device());
+  if (sync.has_value()) {
+    TORCH_CHECK(sync->scalar_type() == at::kInt && sync->numel() >= 1,
+                "fastdcgan::adam_step: sync must be an int32 tensor with one element");
+    TORCH_CHECK(sync->device() == param.device(), "fastdcgan::adam_step: sync is on ",
+                sync->device(), ", param on ", param.device());
+  }
+}
+
+void check_bce_args(const at::Tensor& logits, double target) {
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()),
+              "fastdcgan::bce_with_logits: logits must be floating point, got ",
+              logits.scalar_type());
+  TORCH_CHECK(logits.numel() > 0, "fastdcgan::bce_with_logits: logits is empty");
+  TORCH_CHECK(std::isfinite(target), "fastdcgan::bce_with_logits: target must be finite");
+}
+
+TORCH_LIBRARY(fastdcgan, m) {
+  // Tells torch where the fake (meta) implementations are registered, so torch.compile /
+  // opcheck users that reach the ops without importing fastdcgan get a pointer to the module.
+  m.set_python_module("fastdcgan._ext");
+  m.def(
+      "adam_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+      "Tensor(d!) step, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "Tensor(e!)? sync=None) -> ()");
+  m.def("bce_with_logits(Tensor logits, float target) -> (Tensor loss, Tensor grad)");
+}
+
+}  // namespace fastdcgan
+
+// The Python module: importing fastdcgan._C loads this shared library, which runs the static
+// TORCH_LIBRARY registrations above. It carries the build's identity for fastdcgan._ext's checks.
+static struct PyModuleDef fastdcgan_module = {PyModuleDef_HEAD_INIT, "_C",
+                                              "fastdcgan C++ ops (torch.ops.fastdcgan)", -1,
+                                              nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* mod = PyModule_Create(&fastdcgan_module);
+  if (mod == nullptr) return nullptr;
+#ifdef FASTDCGAN_WITH_CUDA
+  const int with_cuda = 1;
+#else
+  const int with_cuda = 0;
+#endif
+  if (PyModule_AddStringConstant(mod, "source_hash", FASTDCGAN_STR(FASTDCGAN_SOURCE_HASH)) < 0 ||
+      PyModule_AddObject(mod, "with_cuda", PyBool_FromLong(with_cuda)) < 0) {
+    Py_DECREF(mod);
+    return nullptr;
+  }
+  return mod;
+}

@@ -1,0 +1,157 @@
+"""Loader for the C++ extension fastdcgan._C, and the Python side of its ops.
+
+fastdcgan._C is built by setup.py (`pip install --no-build-isolation -e .`, which `bash dev.sh`
+runs) from csrc/. Loading it registers, under torch.ops.fastdcgan:
+
+  adam_step(param!, grad, exp_avg!, exp_avg_sq!, step!, lr, beta1, beta2, eps, weight_decay,
+            sync!=None) -> ()
+      one torch.optim.Adam step (L2 weight decay) over flat fp32 buffers, in place; `step`
+      (fp32, one element) is incremented inside the op. CPU and (when built with CUDA) CUDA.
+  bce_with_logits(logits, target) -> (loss, grad)
+      mean BCE-with-logits against a constant target and dloss/dlogits, in one pass.
+
+This module adds their fake (meta) implementations and the autograd formula of bce_with_logits,
+and checks that the compiled extension matches the csrc/ sources next to it (when present): a
+missing, stale or CPU-only build raises an error naming the command that rebuilds it.
+Set FASTDCGAN_SKIP_EXT_CHECK=1 to skip the staleness check.
+"""
+import glob
+import hashlib
+import importlib
+import os
+import threading
+
+import torch
+
+__all__ = ["load", "ops", "with_cuda", "check_device", "check_built_from", "csrc_source_hash",
+           "ExtensionError"]
+
+REBUILD = "run `bash dev.sh test` or `pip install --no-build-isolation -e .` in the fastdcgan checkout"
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_SOURCE_ROOT = os.path.dirname(_PACKAGE_DIR)
+EXT_SOURCE_PATTERNS = ("*.cpp", "*.h", "*.cu", "*.cuh")
+
+_lock = threading.Lock()
+_module = None
+
+
+class ExtensionError(ImportError):
+    """fastdcgan._C is missing, stale, or lacks the backend asked for."""
+
+
+def csrc_source_hash(root=_SOURCE_ROOT):
+    """The hash setup.py compiles into fastdcgan._C (keep in sync with setup.py:csrc_source_hash).
+
+    Returns None when `root` has no csrc/ sources (an installed, non-editable package)."""
+    csrc = os.path.join(root, "csrc")
+    files = set()
+    for pattern in EXT_SOURCE_PATTERNS:
+        files.update(glob.glob(os.path.join(csrc, "**", pattern), recursive=True))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for path in sorted(os.path.relpath(f, csrc).replace(os.sep, "/") for f in files):
+        h.update(path.encode() + b"\0")
+        with open(os.path.join(csrc, path), "rb") as fh:
+            h.update(fh.read())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def load():
+    """Imports fastdcgan._C once (checking it is built from the current sources), registers the
+    Python parts of its ops, and returns the module."""
+    global _module
+    if _module is not None:
+        return _module
+    with _lock:
+        if _module is not None:
+            return _module
+        try:
+            mod = importlib.import_module("fastdcgan._C")
+        except ImportError as e:
+            raise ExtensionError(
+                f"the fastdcgan C++ extension (fastdcgan._C) is not built or does not load ({e}); "
+                f"{REBUILD}") from e
+        if os.environ.get("FASTDCGAN_SKIP_EXT_CHECK") != "1":
+            check_built_from(mod, _SOURCE_ROOT)
+        _register_python_parts()
+        _module = mod
+        return mod
+
+
+def check_built_from(mod, root):
+    """Raises ExtensionError when `root` holds csrc/ sources other than those `mod` was built from."""
+    expected = csrc_source_hash(root)
+    if expected is not None and getattr(mod, "source_hash", None) != "h" + expected:
+        raise ExtensionError(
+            f"fastdcgan._C ({getattr(mod, '__file__', mod)}) is stale: it was built from other "
+            f"csrc/ sources than those in {os.path.join(root, 'csrc')}; {REBUILD} "
+            "(or set FASTDCGAN_SKIP_EXT_CHECK=1 to use it anyway)")
+
+
+def ops():
+    """torch.ops.fastdcgan, with the extension loaded."""
+    load()
+    return torch.ops.fastdcgan
+
+
+def with_cuda():
+    """Whether fastdcgan._C was compiled with its CUDA kernels."""
+    return bool(load().with_cuda)
+
+
+def check_device(device):
+    """Raises a clear error if the extension cannot run on `device` (a CPU-only build on a GPU)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        load()
+        return
+    if device.type == "cuda" and not with_cuda():
+        raise ExtensionError(
+            "fastdcgan._C was built without CUDA, so its ops cannot run on "
+            f"{device}; rebuild on this machine where torch sees the GPU (torch "
+            f"{torch.__version__}, cuda {torch.version.cuda}, available={torch.cuda.is_available()}): "
+            "`pip install --no-build-isolation --no-deps -e .` (FASTDCGAN_FORCE_CUDA=1 without a "
+            "visible GPU; TORCH_CUDA_ARCH_LIST picks the GPU architectures)")
+    if device.type not in ("cpu", "cuda"):
+        raise ExtensionError(f"fastdcgan._C has no kernels for device type {device.type!r}")
+
+
+def _register_python_parts():
+    """Fake (meta) implementations for every op, and autograd for bce_with_logits."""
+
+    @torch.library.register_fake("fastdcgan::adam_step")
+    def _adam_step_fake(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps,
+                        weight_decay, sync=None):
+        for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+            torch._check(t.dtype == torch.float32, lambda: f"adam_step: {name} must be float32")
+            torch._check(t.numel() == param.numel(),
+                         lambda: f"adam_step: {name} and param differ in size")
+            torch._check(t.device == param.device, lambda: f"adam_step: {name} on another device")
+        torch._check(param.dtype == torch.float32, lambda: "adam_step: param must be float32")
+        torch._check(step.dtype == torch.float32 and step.numel() == 1,
+                     lambda: "adam_step: step must be a float32 tensor with one element")
+        return None
+
+    @torch.library.register_fake("fastdcgan::bce_with_logits")
+    def _bce_fake(logits, target):
+        torch._check(logits.is_floating_point(), lambda: "bce_with_logits: logits must be floating")
+        loss = logits.new_empty(())
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        return loss, grad
+
+    def _bce_setup_context(ctx, inputs, output):
+        _, grad = output
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(grad)
+
+    def _bce_backward(ctx, grad_loss, _grad_grad):
+        (grad,) = ctx.saved_tensors
+        grad_logits = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = grad * grad_loss
+        return grad_logits, None
+
+    torch.library.register_autograd("fastdcgan::bce_with_logits", _bce_backward,
+                                    setup_context=_bce_setup_context)

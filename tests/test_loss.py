@@ -1,0 +1,113 @@
+"""fastdcgan.loss.bce_with_logits (fused loss + gradient) against F.binary_cross_entropy_with_logits."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdcgan import _ext
+from fastdcgan.loss import bce_with_logits, bce_with_logits_and_grad
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))]
+TOL = {torch.float32: dict(rtol=1e-6, atol=1e-7), torch.float64: dict(rtol=1e-12, atol=1e-15),
+       torch.bfloat16: dict(rtol=1e-2, atol=1e-3), torch.float16: dict(rtol=1e-3, atol=1e-4)}
+
+
+def _reference(logits, target):
+    x = logits.detach().double().requires_grad_()
+    loss = F.binary_cross_entropy_with_logits(x, torch.full_like(x, target))
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", [1.0, 0.0, 0.9])
+@pytest.mark.parametrize("shape", [(128,), (512,), (3, 1, 1, 1), (1,), (70_000,)])
+def test_value_and_grad_match_torch(device, target, shape):
+    torch.manual_seed(0)
+    logits = (torch.randn(shape, device=device) * 4).requires_grad_()
+    loss = bce_with_logits(logits, target)
+    loss.backward()
+    ref_loss, ref_grad = _reference(logits, target)
+    assert loss.shape == () and loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref_loss, **TOL[torch.float32])
+    torch.testing.assert_close(logits.grad.double(), ref_grad, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", [1.0, 0.0])
+def test_large_logits_are_finite(device, target):
+    logits = torch.tensor([0.0, 1e-8, -1e-8, 20.0, -20.0, 88.0, -88.0, 100.0, -100.0, 1e4, -1e4,
+                           3e38, -3e38], device=device, requires_grad=True)
+    loss = bce_with_logits(logits, target)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    ref_loss, ref_grad = _reference(logits, target)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(logits.grad.double(), ref_grad, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_other_dtypes(device, dtype):
+    torch.manual_seed(0)
+    logits = (torch.randn(256, device=device) * 3).to(dtype).requires_grad_()
+    loss = bce_with_logits(logits, 1.0)
+    loss.backward()
+    assert loss.dtype == dtype and logits.grad.dtype == dtype
+    ref_loss, ref_grad = _reference(logits, 1.0)
+    torch.testing.assert_close(loss.double(), ref_loss, **TOL[dtype])
+    torch.testing.assert_close(logits.grad.double(), ref_grad, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_scales_saved_grad_by_grad_output(device):
+    logits = torch.randn(64, device=device, requires_grad=True)
+    (3.0 * bce_with_logits(logits, 0.0) + bce_with_logits(logits, 1.0)).backward()
+    x = logits.detach().clone().requires_grad_()
+    (3.0 * F.binary_cross_entropy_with_logits(x, torch.zeros_like(x))
+     + F.binary_cross_entropy_with_logits(x, torch.ones_like(x))).backward()
+    torch.testing.assert_close(logits.grad, x.grad, rtol=1e-6, atol=1e-8)
+
+
+def test_gradient_flows_into_a_network():
+    from fastdcgan import Discriminator
+
+    torch.manual_seed(0)
+    net = Discriminator()
+    x = torch.randn(4, 3, 64, 64)
+    bce_with_logits(net.logits(x), 1.0).backward()
+    ours = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    F.binary_cross_entropy_with_logits(net.logits(x), torch.ones(4)).backward()
+    for a, b in zip(ours, (p.grad for p in net.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_loss_and_grad_without_autograd():
+    logits = torch.randn(32, requires_grad=True)
+    loss, grad = bce_with_logits_and_grad(logits, 1.0)
+    assert not loss.requires_grad and not grad.requires_grad
+    ref_loss, ref_grad = _reference(logits, 1.0)
+    torch.testing.assert_close(loss.double(), ref_loss)
+    torch.testing.assert_close(grad.double(), ref_grad)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="constant label"):
+        bce_with_logits(torch.randn(4), torch.ones(4))
+    with pytest.raises(RuntimeError, match="floating point"):
+        bce_with_logits(torch.ones(4, dtype=torch.long), 1.0)
+    with pytest.raises(RuntimeError, match="empty"):
+        bce_with_logits(torch.randn(0), 1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(device, dtype):
+    _ext.load()
+    op = torch.ops.fastdcgan.bce_with_logits.default
+    for shape in [(128,), (4, 1, 1, 1)]:
+        torch.library.opcheck(op, (torch.randn(shape, device=device, dtype=dtype), 1.0))
+        torch.library.opcheck(
+            op, (torch.randn(shape, device=device, dtype=dtype, requires_grad=True), 0.0))
+    torch.library.opcheck(op, (torch.randn(8, 3, device=device).t(), 0.5))  # non-contiguous
