@@ -326,7 +326,10 @@ def feature_statistics(features):
 
 def _sqrtm_trace(a, b):
     """Tr(sqrtm(a @ b)) or None when sqrtm fails (non-finite, large imaginary part, or wrong)."""
-    from scipy import linalg
+    try:
+        from scipy import linalg  # only FID needs scipy; it is not a core dependency
+    except ImportError as e:
+        raise ImportError("FID needs scipy (pip install scipy)") from e
 
     prod = a @ b
     with warnings.catch_warnings():  # "singular matrix" warnings: the result is checked below
