@@ -68,8 +68,8 @@ def extension_modules():
     cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     with_cuda = _want_cuda(cu)
     macros = [("FASTDCGAN_SOURCE_HASH", "h" + csrc_source_hash())]
-    # -fno-math-errno lets GCC vectorise sqrtf; -ffp-contract=off keeps the CPU Adam update the
-    # same sequence of IEEE fp32 operations as torch.optim.Adam's tensor ops (no FMA contraction).
+    # -fno-math-errno lets GCC vectorise sqrtf/fmaf; -ffp-contract=off: no implicit FMA contraction,
+    # the Adam update has its fused multiply-adds exactly where torch.optim.Adam's CPU kernels do.
     cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-fdiagnostics-color=always"]
     print(f"fastdcgan: building fastdcgan._C with {'CPU + CUDA' if with_cuda else 'CPU only'} ops"
           + (f" (TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<visible GPUs>')})"

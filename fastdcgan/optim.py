@@ -31,6 +31,15 @@ state_dict() has torch.optim.Adam's format (per-parameter 'step', 'exp_avg', 'ex
 torch.optim.Adam can load it, and load_state_dict() accepts a torch.optim.Adam state_dict of the
 same parameters (old checkpoints resume).
 
+Usage (the DCGAN loop):
+    netD.to(device); optD = FusedAdam(netD.parameters())     # build after moving the model
+    optD.zero_grad()                                         # not netD.zero_grad()
+    loss = bce_with_logits(netD.logits(real), 1.0) + bce_with_logits(netD.logits(fake), 0.0)
+    loss.backward()                                          # grads land in the flat buffer
+    optD.step()                                              # one fastdcgan::adam_step
+Code that computes gradients itself should write them into `p.grad` in place (they are views);
+assigning a new tensor to `p.grad` works but costs a copy at the next step.
+
 Not supported (raise): amsgrad, maximize, decoupled weight decay (AdamW), sparse gradients,
 parameters that are not float32 or do not require grad, parameters of one group on different
 devices, a torch.optim.Adam state whose parameters are at different step counts.
