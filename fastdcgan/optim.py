@@ -112,8 +112,8 @@ class _FlatGroup:
                 "exp_avg_sq": self.exp_avg_sq_views[i]}
 
     def check_params(self):
-        for i, p in enumerate(self.params):
-            if p.data_ptr() != self.param_ptrs[i] or p.shape != self.param_views[i].shape:
+        for i, (p, ptr) in enumerate(zip(self.params, self.param_ptrs)):
+            if p.data_ptr() != ptr:
                 raise RuntimeError(
                     f"FusedAdam: parameter {i} of shape {tuple(p.shape)} no longer lives in the "
                     "optimizer's flat buffer (its storage was replaced, e.g. by `p.data = ...` or by "
