@@ -19,9 +19,10 @@ __all__ = ["SyntheticFaces", "ImageFolderFaces", "EpochBatches", "load_dataset",
 
 def load_dataset(spec, size=64, **kw):
     """"synthetic" -> SyntheticFaces(size=size, **kw); anything else is a folder of images ->
-    ImageFolderFaces(spec, size=size, **kw)."""
+    ImageFolderFaces(spec, size=size, **kw). Options of the other kind (n and seed are for the
+    synthetic set, crop and workers for folders) are ignored, so a caller may pass them all."""
     if isinstance(spec, str) and spec == "synthetic":
-        return SyntheticFaces(size=size, **kw)
+        return SyntheticFaces(size=size, **{k: v for k, v in kw.items() if k not in ("crop", "workers")})
     if not Path(spec).expanduser().exists():
         raise FileNotFoundError(f"dataset {str(spec)!r} is neither 'synthetic' nor an existing folder")
-    return ImageFolderFaces(spec, size=size, **kw)
+    return ImageFolderFaces(spec, size=size, **{k: v for k, v in kw.items() if k not in ("n", "seed")})

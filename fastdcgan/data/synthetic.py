@@ -4,9 +4,10 @@ Every face is a set of implicit shapes (ellipses, boxes, parabolas) in a face-lo
 (u right, v down, 1 unit ~ half the face width) that is shifted, scaled and tilted per face.
 A batch of faces is rendered at once: each feature is evaluated on one pixel window that holds
 it in every face of the batch, its signed distance is turned into an anti-aliased coverage
-(a one-pixel linear ramp across the edge) and painted over what is already there. Small
-features (eyes, brows, mouth, nose, glasses) are rendered at DETAIL_SS x DETAIL_SS samples per
-pixel and box-filtered down; the large smooth shapes rely on the analytic edge ramp alone.
+(a one-pixel linear ramp across the edge) and painted over what is already there. The finest
+features (eyes, mouth) are sampled DETAIL_SS x DETAIL_SS times per pixel and box-filtered down;
+the rest rely on the analytic edge ramp alone (exact box-filter coverage for straight edges, and
+capped for lines thinner than a pixel).
 
 Parameters are drawn per chunk of CHUNK faces from a generator seeded by (seed, chunk index), so
 face i depends only on (seed, i): SyntheticFaces(n=100) is a prefix of SyntheticFaces(n=1000).
@@ -23,10 +24,11 @@ from fastdcgan.data._common import FaceDataset, load_cached, save_cached
 from fastdcgan.data._common import cache_dir as default_cache_dir
 
 # Bump whenever the pictures change: it is part of the cache key.
-RENDERER_VERSION = 1
+RENDERER_VERSION = 2
 CHUNK = 256  # faces per seeded parameter draw; fixed so that face i never depends on n
 BATCH = 64  # faces rendered together: amortises numpy call overhead; the windows still fit in L2
 DETAIL_SS = 2
+MAX_SHIFT = 0.06  # faces sit within +-MAX_SHIFT (image fractions) of the centre
 
 f32 = np.float32
 
@@ -43,18 +45,19 @@ _IRIS = np.array([  # dark brown, brown, hazel, green, blue, grey
 _IRIS_P = [0.3, 0.25, 0.12, 0.1, 0.15, 0.08]
 
 # Hair styles as values of one parametric hair model (see _render): a cap ellipse (centre v,
-# half-width relative to the face, half-height, curl bump amplitude) cut below a hairline
-# v = h0 + hk*u^2 (+ skew*u + fringe jag), above v = top (only the sides of bald heads),
-# plus optional hair hanging behind the head down to v = back.
-_STYLES = {  # name: probability, cap_cv, cap_w, cap_h, curl, h0, hk, fringe, top, back range
-    "short":    (0.24, -0.28, 1.08, 1.30, 0.00, -0.85, 0.55, 0.00, -9.0, None),
-    "long":     (0.22, -0.30, 1.14, 1.36, 0.00, -0.95, 1.25, 0.00, -9.0, (1.2, 2.6)),
-    "bangs":    (0.16, -0.30, 1.12, 1.33, 0.00, -0.50, 0.25, 0.05, -9.0, (0.4, 1.0)),
-    "bald":     (0.12, -0.28, 1.08, 1.30, 0.00, -2.50, 2.90, 0.00, -0.75, None),
-    "receding": (0.08, -0.28, 1.08, 1.30, 0.00, -1.25, 1.00, 0.00, -9.0, None),
-    "curly":    (0.18, -0.45, 1.45, 1.60, 0.09, -0.85, 0.60, 0.00, -9.0, None),
+# half-width relative to the face, half-height) whose outline is bumpy (curls) or spiky, cut
+# below a hairline v = h0 + hk*u^2 (+ skew*u + fringe jag) and above v = top (only the sides of
+# bald heads), plus optional hair hanging behind the head down to v = back.
+_STYLES = {  # name: probability, cap_cv, cap_w, cap_h, curl, spike, h0, hk, fringe, top, back range
+    "short":    (0.21, -0.28, 1.08, 1.30, 0.00, 0.00, -0.85, 0.55, 0.00, -9.0, None),
+    "long":     (0.22, -0.30, 1.14, 1.36, 0.00, 0.00, -0.95, 1.25, 0.00, -9.0, (1.2, 2.6)),
+    "bangs":    (0.15, -0.30, 1.12, 1.33, 0.00, 0.00, -0.50, 0.25, 0.05, -9.0, (0.4, 1.0)),
+    "bald":     (0.11, -0.28, 1.08, 1.30, 0.00, 0.00, -2.50, 2.90, 0.00, -0.75, None),
+    "receding": (0.07, -0.28, 1.08, 1.30, 0.00, 0.00, -1.25, 1.00, 0.00, -9.0, None),
+    "curly":    (0.17, -0.45, 1.45, 1.60, 0.10, 0.00, -0.85, 0.60, 0.00, -9.0, None),
+    "spiky":    (0.07, -0.30, 1.08, 1.30, 0.00, 0.16, -0.80, 0.55, 0.00, -9.0, None),
 }
-_STYLE_KEYS = ("cap_cv", "cap_w", "cap_h", "curl", "h0", "hk", "fringe", "top")
+_STYLE_KEYS = ("cap_cv", "cap_w", "cap_h", "curl", "spike", "h0", "hk", "fringe", "top")
 
 
 def _hsv(h, s, v):
@@ -73,7 +76,7 @@ def _sample(rng, m):
 
     P = {}
     # placement (image fractions) and face shape (face units)
-    P["cx"], P["cy"] = U(0.44, 0.56), U(0.44, 0.5)
+    P["cx"], P["cy"] = U(0.5 - MAX_SHIFT, 0.5 + MAX_SHIFT), U(0.5 - MAX_SHIFT, 0.5)
     P["scale"], P["tilt"] = U(0.2, 0.25), U(-0.14, 0.14)
     P["fw"], P["fh"], P["jaw"] = U(0.84, 1.0), U(1.18, 1.38), U(0.08, 0.35)
     # colours
@@ -95,24 +98,29 @@ def _sample(rng, m):
     # hair style
     names = list(_STYLES)
     style = rng.choice(len(names), m, p=[_STYLES[k][0] for k in names])
-    table = np.array([_STYLES[k][1:9] for k in names])
+    table = np.array([_STYLES[k][1:10] for k in names])
     P.update({key: table[style, j] for j, key in enumerate(_STYLE_KEYS)})
     P["style"] = style
     P["cap_w"] = P["cap_w"] * P["fw"] * U(0.97, 1.06)
     P["cap_h"] = P["cap_h"] * U(0.97, 1.05)
     P["h0"] = P["h0"] + U(-0.08, 0.08)
     P["skew"] = U(-0.25, 0.25) * (style != names.index("bald"))
-    ranges = np.array([_STYLES[k][9] or (0.0, 0.0) for k in names])
+    ranges = np.array([_STYLES[k][10] or (0.0, 0.0) for k in names])
     P["back"] = ranges[style, 0] + U(0, 1) * (ranges[style, 1] - ranges[style, 0])
     P["strand_f"], P["strand_ph"] = U(8, 14), U(0, 2 * math.pi)
-    P["curl_fx"], P["curl_fy"], P["curl_ph"] = U(11, 17), U(11, 17), U(0, 2 * math.pi)
+    P["curl_fx"], P["curl_fy"] = U(11, 16), U(11, 16)
+    for j in range(4):
+        P[f"curl_p{j}"] = U(0, 2 * math.pi)
+    P["spike"] = P["spike"] * U(0.7, 1.3)
+    P["spike_f"], P["spike_ph"] = U(2.5, 4.0), U(0, 1)
     # ears, neck, clothes
     P["ear_y"], P["ear_w"], P["ear_h"] = U(-0.12, 0.05), U(0.13, 0.19), U(0.24, 0.32)
     P["neck_w"] = P["fw"] * U(0.45, 0.6)
     P["sh_top"], P["sh_w"], P["collar"] = U(0.45, 0.7), U(1.7, 2.4), U(0.12, 0.45)
     # eyes and brows
     P["ex"], P["ey"] = U(0.34, 0.45), U(-0.2, -0.04)
-    P["ew"], P["eh"] = U(0.14, 0.2), U(0.065, 0.115)
+    P["ew"] = U(0.14, 0.2)
+    P["eh"] = np.where(rng.random(m) < 0.06, U(0.012, 0.022), U(0.065, 0.115))  # some squint/close
     P["ir"] = np.minimum(P["eh"] * U(0.85, 1.15), P["ew"] * 0.6)
     P["gx"], P["gy"] = U(-0.35, 0.35) * (P["ew"] - P["ir"]), U(-0.2, 0.2) * P["eh"]
     P["pupil"] = U(0.35, 0.55)
@@ -167,8 +175,8 @@ class _Params(dict):
 
 def _ellipse(U, V, cu, cv, a, b):
     """Signed distance to an axis-aligned ellipse, to first order: (q - 1) / |grad q| for
-    q = ((U-cu)/a)^2 + ((V-cv)/b)^2. Exact on the boundary's normal however long the ellipse,
-    so edges are one pixel soft all round and a shape never reaches past its box + its blur."""
+    q = ((U-cu)/a)^2 + ((V-cv)/b)^2. Accurate near the outline however elongated the ellipse,
+    so its edge is one pixel soft all round and it never reaches past its box (+ its blur)."""
     x = np.subtract(U, cu)
     x *= 1 / a
     y = np.subtract(V, cv)
@@ -211,7 +219,7 @@ def _render(P, size):
     the image on every side, then cropped at its integer offset: a feature then sits at nearly the
     same canvas pixels in every face of the batch, and one slice of the canvas holds it in all."""
     B, R = len(P["cx"]), size
-    margin = int(round(0.06 * R)) + 1  # > the largest offset, rint(0.06 R)
+    margin = int(round(MAX_SHIFT * R)) + 1  # > the largest integer offset
     C = R + 2 * margin
     s = P["scale"] * R  # pixels per face unit
     off_x, off_y = P["cx"] * R - R / 2, P["cy"] * R - R / 2
@@ -312,13 +320,20 @@ def _render(P, size):
             t *= c
             dst += t
 
-    def hair_tex(r):
-        """Brightness of hair: vertical strands, and curls where the style is curly."""
+    def curls(r):
+        """An irregular field of blobs in [-1, 1] (a product of two uneven waves, one along x and
+        one along y: cheap, being separable), or None where no face in r has curly hair."""
         G = r.g
-        t = 1 + 0.1 * np.sin(r.xs * G["strand_f"] + G["strand_ph"])
-        if G["curl"].any():
-            t = t * (1 + (1.1 * G["curl"]) * np.sin(r.ys * G["curl_fy"] + G["curl_ph"]) * np.sin(r.xs * G["curl_fx"]))
-        return t
+        if not G["curl"].any():
+            return None
+        wx = np.sin(r.xs * G["curl_fx"] + G["curl_p0"]) + 0.5 * np.sin(r.xs * (1.7 * G["curl_fx"]) + G["curl_p1"])
+        wy = np.sin(r.ys * G["curl_fy"] + G["curl_p2"]) + 0.5 * np.sin(r.ys * (1.9 * G["curl_fy"]) + G["curl_p3"])
+        return wx * (wy * (1 / 2.25))
+
+    def hair_tex(r, field):
+        """Brightness of hair: vertical strands, and the curls field where curly."""
+        t = 1 + 0.1 * np.sin(r.xs * r.g["strand_f"] + r.g["strand_ph"])
+        return t if field is None else t * (1 + 1.5 * r.g["curl"] * field)
 
     # back hair: the cap ellipse united with a box hanging down to length `back`
     cw = P["cap_w"] * 1.12
@@ -328,7 +343,7 @@ def _render(P, size):
         jag = 0.06 * np.sin(r.xs * 11 + G["strand_ph"])
         box = np.maximum(np.maximum(np.abs(r.U) - G["cap_w"] * 1.12, r.V - G["back"] - jag), G["cap_cv"] - r.V)
         d = np.minimum(_ellipse_round(r.U, r.V, 0, G["cap_cv"], G["cap_w"] * 1.1, G["cap_h"]), box)
-        paint(r, cov(r, d), G["hair"] * 0.8, hair_tex(r))
+        paint(r, cov(r, d), G["hair"] * 0.8, hair_tex(r, None))  # no curly style has back hair
         commit(r)
 
     # clothes: the top of a wide ellipse; then the neck, its lower end cut as a round collar
@@ -389,8 +404,10 @@ def _render(P, size):
         taper = 1 - G["jaw"] * np.clip(vn, 0, 1) ** 2
         d = (np.sqrt((r.U / (G["fw"] * 1.05 * taper)) ** 2 + vn * vn) - 1) * G["fw"]
         u2 = r.U * r.U
-        d = np.maximum(np.maximum(d, G["beard_top"] - G["beard_k"] * u2 * u2 - r.V), np.abs(r.U) - G["goatee"])
-        paint(r, cov(r, d, alpha=G["beard"]), G["beard_col"], hair_tex(r))
+        d = np.maximum(d, G["beard_top"] - G["beard_k"] * u2 * u2 - r.V)
+        if (G["goatee"] < 5).any():  # a goatee: only the part inside an ellipse round the chin
+            np.maximum(d, _ellipse(r.U, r.V, 0, G["fh"], G["goatee"], G["fh"] - G["beard_top"] + 0.1), out=d)
+        paint(r, cov(r, d, alpha=G["beard"]), G["beard_col"], hair_tex(r, curls(r)))
         commit(r)
 
     # nose: soft shadow down one side, shadow under the tip, nostrils, a highlight on the tip
@@ -437,8 +454,7 @@ def _render(P, size):
         EU = r.U - side * g["ex"]
         EV = r.V - g["ey"]
         d = _ellipse(EU, EV, 0, 0, ew, eh)
-        white = cov(r, d - 0.025)  # lash line: the white grown by 0.025
-        paint(r, white, _LASH)
+        paint(r, cov(r, d - 0.025), _LASH)  # lash line: the white grown by 0.025
         white = cov(r, d)
         paint(r, white, _WHITE)
         EU -= g["gx"]
@@ -462,21 +478,27 @@ def _render(P, size):
         paint(r, cov(r, _ellipse(BU, BV, 0, 0, g["bw"], g["bt"]), width=2 * g["bt"]), g["brow"])
         commit(r)
 
-    # front hair: the cap ellipse (bumpy when curly) above the hairline and below `top`;
-    # the window ends where the hairline leaves the cap
-    cw = P["cap_w"] + P["curl"]
+    # front hair: the cap ellipse (bumpy when curly, jagged when spiky) above the hairline and
+    # below `top`; the window ends where the hairline leaves the cap
+    grow = P["curl"] + P["spike"]
+    cw = P["cap_w"] + grow
     low = np.minimum(P["cap_cv"] + P["cap_h"], P["h0"] + P["hk"] * cw * cw + np.abs(P["skew"]) * cw + P["fringe"])
-    r = region(-cw, cw, np.maximum(P["cap_cv"] - P["cap_h"] - P["curl"], P["top"]), low + P["curl"])
+    r = region(-cw, cw, np.maximum(P["cap_cv"] - P["cap_h"] - grow, P["top"]), low + grow)
     U, V = r.U, r.V
     d = _ellipse_round(U, V, 0, g["cap_cv"], g["cap_w"], g["cap_h"])
-    if g["curl"].any():
-        d += g["curl"] * np.sin(r.ys * 13) * np.sin(r.xs * 13)
+    field = curls(r)
+    if field is not None:
+        d += g["curl"] * field
+    if g["spike"].any():  # a triangle wave along x pushes the outline out into spikes
+        tri = np.abs(2 * np.modf(r.xs * g["spike_f"] + g["spike_ph"] + 8)[0] - 1)
+        d -= g["spike"] * (1 - tri)
     hl = g["h0"] + g["fringe"] * np.sin(r.xs * 25)
     hl = hl + (g["hk"] * U + g["skew"]) * U
-    hl -= V
-    np.minimum(hl, V - g["top"], out=hl)
-    np.maximum(d, -hl, out=d)
-    paint(r, cov(r, d), g["hair"], hair_tex(r))
+    np.subtract(V, hl, out=hl)
+    np.maximum(d, hl, out=d)
+    if (g["top"] > -9).any():
+        np.maximum(d, g["top"] - V, out=d)
+    paint(r, cov(r, d), g["hair"], hair_tex(r, field))
     commit(r)
 
     # glasses: tinted lenses, then frame rings (round to rectangular), bridge and temples
