@@ -10,18 +10,23 @@ import torch
 
 from fastdcgan.checkpoint import CheckpointError, load_generator
 from fastdcgan.images import save_grid
+from fastdcgan.latent import interpolation_latents
 from fastdcgan.models import BACKENDS
 
 
 def generate(generator, num, seed=0, train_bn=False, batch_size=512):
-    """num images in [-1, 1] from N(0, I) latents drawn with `seed` (same seed, same images).
+    """num images in [-1, 1] from N(0, I) latents drawn with `seed` (same seed, same images)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return generate_from(generator, torch.randn(num, generator.nz, generator=gen), train_bn, batch_size)
+
+
+def generate_from(generator, z, train_bn=False, batch_size=512):
+    """Images for latents z (N, nz).
 
     train_bn=False uses the running BN statistics (G.eval()), as at deployment; True normalises
     with each batch's own statistics, as during training (the two differ, most early in training).
     """
-    device = next(generator.parameters()).device
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    z = torch.randn(num, generator.nz, 1, 1, generator=gen).to(device)
+    z = z.to(next(generator.parameters()).device)
     was_training = generator.training
     generator.train(train_bn)
     try:
@@ -40,6 +45,9 @@ def build_parser():
                    help="checkpoint.pt from fastdcgan.train, or a pytorch/examples netG_epoch_N.pth")
     p.add_argument("--num", type=int, default=64, help="number of images")
     p.add_argument("--nrow", type=int, default=8, help="images per grid row")
+    p.add_argument("--interpolate", type=int, default=0, metavar="K",
+                   help="instead of --num samples: K rows, each a spherical (slerp) walk of --nrow "
+                        "steps between two random latents")
     p.add_argument("--out", default="samples.png", help="PNG file to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
@@ -52,8 +60,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.num <= 0 or args.nrow <= 0:
-        print("error: --num and --nrow must be positive", file=sys.stderr)
+    if args.num <= 0 or args.nrow <= 0 or args.interpolate < 0:
+        print("error: --num and --nrow must be positive, --interpolate >= 0", file=sys.stderr)
         return 1
     device = args.device
     if device == "auto":
@@ -63,9 +71,13 @@ def main(argv=None):
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    images = generate(G, args.num, seed=args.seed, train_bn=args.train_bn)
+    if args.interpolate > 0:
+        z = interpolation_latents(args.interpolate, args.nrow, G.nz, seed=args.seed)
+        images = generate_from(G, z, train_bn=args.train_bn)
+    else:
+        images = generate(G, args.num, seed=args.seed, train_bn=args.train_bn)
     save_grid(images, args.out, nrow=args.nrow)
-    print(f"wrote {args.num} images to {args.out}")
+    print(f"wrote {len(images)} images to {args.out}")
     return 0
 
 

@@ -104,3 +104,17 @@ def test_unsafe_pickles_are_not_executed(tmp_path):
     torch.save({"netG": Evil()}, path)
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load_generator(path)
+
+
+def test_cli_interpolate_writes_slerp_rows(tmp_path):
+    G = _tiny_g()
+    path = tmp_path / "netG.pth"
+    torch.save(G.state_dict(), path)
+    out = tmp_path / "walk.png"
+    assert generate.main(["--checkpoint", str(path), "--interpolate", "3", "--nrow", "5",
+                          "--out", str(out), "--device", "cpu"]) == 0
+    img = np.asarray(Image.open(out)).astype(float)
+    assert img.shape == (3 * 66 + 2, 5 * 66 + 2, 3)
+    tile = lambda r, c: img[2 + 66 * r: 66 * r + 66, 2 + 66 * c: 66 * c + 66]
+    # neighbours along a walk are closer than the walk's two ends
+    assert np.abs(tile(0, 0) - tile(0, 1)).mean() < np.abs(tile(0, 0) - tile(0, 4)).mean()

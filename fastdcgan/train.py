@@ -1,0 +1,435 @@
+"""Train the DCGAN: `python -m fastdcgan.train` (built-in faces) or `fastdcgan.train.train(config)`.
+
+One step is the pytorch/examples loop: D on a real batch (label 1) and on G(z).detach() (label 0),
+D update; then D on the same fakes with label 1, G update. Outputs under --out: real_samples.png,
+fake_samples_step_NNNNNN.png (fixed noise), log.csv, losses.png and checkpoint.pt.
+"""
+import argparse
+import csv
+import dataclasses
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fastdcgan import checkpoint
+from fastdcgan.images import plot_losses, save_grid
+from fastdcgan.loss import bce_with_logits
+from fastdcgan.models import BACKENDS, Discriminator, Generator
+from fastdcgan.monitor import NonFiniteError, StabilityMonitor
+from fastdcgan.optim import FusedAdam
+
+LOG_FIELDS = ("step", "epoch", "loss_d", "loss_g", "d_x", "d_g_z", "d_g_z_after", "seconds", "swd")
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run. None means "pick the default for the device" (see resolve())."""
+    data: str = "synthetic"
+    num_images: int = 20000          # size of the built-in synthetic set
+    crop: int | None = None          # center crop before resizing (108 for CelebA's common crop)
+    steps: int | None = None         # total steps of the run (a resumed run counts from 0 too)
+    epochs: float | None = None      # alternative to steps
+    batch_size: int | None = None
+    lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    nz: int = 100
+    ngf: int | None = None
+    ndf: int | None = None
+    seed: int = 0
+    out: str = "runs/dcgan"
+    backend: str = "auto"
+    precision: str = "fp32"
+    device: str = "auto"
+    sample_every: int | None = None
+    ckpt_every: int | None = None
+    log_every: int = 10
+    eval_every: int = 0              # steps between SWD evaluations (0: only at the end)
+    eval_images: int = 1000          # real and generated images per SWD evaluation
+    num_samples: int = 64            # images in the fixed-noise grid
+
+    # Paper setup on a GPU; on a CPU a narrower net and smaller batch so that the default run
+    # finishes in minutes and still ends with recognisable faces.
+    GPU_DEFAULTS = dict(batch_size=128, ngf=64, ndf=64, epochs=5, sample_every=500, ckpt_every=1000)
+    CPU_DEFAULTS = dict(batch_size=64, ngf=32, ndf=32, steps=400, sample_every=100, ckpt_every=200)
+
+    def resolve(self):
+        """Fills device-dependent defaults and validates; returns a new config."""
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        cfg = dataclasses.replace(self, device=device)
+        defaults = self.GPU_DEFAULTS if device.startswith("cuda") else self.CPU_DEFAULTS
+        for k, v in defaults.items():
+            if k in ("steps", "epochs"):
+                continue
+            if getattr(cfg, k) is None:
+                setattr(cfg, k, v)
+        if cfg.steps is None and cfg.epochs is None:
+            cfg.steps, cfg.epochs = defaults.get("steps"), defaults.get("epochs")
+        cfg.validate()
+        return cfg
+
+    def validate(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give --steps or --epochs, not both")
+        if self.eval_every < 0:
+            raise ValueError(f"--eval-every must be >= 0, got {self.eval_every}")
+        for name in ("batch_size", "nz", "ngf", "ndf", "sample_every", "ckpt_every", "log_every",
+                     "num_samples", "num_images", "eval_images"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 0:
+            raise ValueError(f"--steps must be >= 0, got {self.steps}")
+        if not (self.lr > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"need lr > 0 and betas in [0, 1): lr={self.lr} beta1={self.beta1} "
+                             f"beta2={self.beta2}")
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+MODEL_FIELDS = ("nz", "ngf", "ndf")
+
+
+class Trainer:
+    """Holds the models, optimizers, data and run state; `run()` trains to config.steps."""
+
+    def __init__(self, config: TrainConfig | None = None, resume=None, overrides=None, progress=True):
+        """A new run from `config`, or with `resume` the checkpoint's run, with `overrides`
+        (a dict of TrainConfig fields: run length, outputs, intervals) applied on top."""
+        from fastdcgan.data import EpochBatches, load_dataset
+
+        self.progress = progress
+        ckpt = checkpoint.load_training(resume) if resume else None
+        if ckpt is not None:
+            config = self._resumed_config(ckpt["config"], overrides or {}, resume)
+        elif overrides:
+            config = dataclasses.replace(config or TrainConfig(), **overrides)
+        self.config = cfg = (config or TrainConfig()).resolve()
+        self.device = torch.device(cfg.device)
+        self.out = Path(cfg.out)
+        torch.manual_seed(cfg.seed)
+
+        self.dataset = load_dataset(cfg.data, size=64, crop=cfg.crop, n=cfg.num_images)
+        self.batches = EpochBatches(self.dataset.images, cfg.batch_size, seed=cfg.seed, device=self.device)
+        if cfg.steps is None:
+            cfg.steps = max(1, math.ceil(cfg.epochs * self.batches.steps_per_epoch))
+
+        self.G = Generator(nz=cfg.nz, ngf=cfg.ngf, backend=cfg.backend).to(self.device)
+        self.D = Discriminator(ndf=cfg.ndf, backend=cfg.backend).to(self.device)
+        betas = (cfg.beta1, cfg.beta2)
+        self.optG = FusedAdam(self.G.parameters(), lr=cfg.lr, betas=betas)
+        self.optD = FusedAdam(self.D.parameters(), lr=cfg.lr, betas=betas)
+        # The monitor sees one reading per log interval, so its window is counted in readings.
+        self.monitor = StabilityMonitor(window=max(2, 200 // cfg.log_every),
+                                        warmup=min(500, cfg.steps // 2 if cfg.steps else 500))
+        # Latents come from their own generator so that a resumed run draws the same noise.
+        self.noise = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        self.fixed_noise = torch.randn(cfg.num_samples, cfg.nz, 1, 1, device=self.device,
+                                       generator=torch.Generator(device=self.device).manual_seed(cfg.seed + 2))
+        self.step = 0
+        self.log_rows = []
+        if ckpt is not None:
+            self._restore(ckpt, resume)
+
+    # ---- state -------------------------------------------------------------------------------
+    @staticmethod
+    def _resumed_config(saved, overrides, path):
+        """The checkpoint's config with `overrides` applied; the model's shape cannot change."""
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = set(overrides) - fields
+        if unknown:
+            raise ValueError(f"unknown config fields {sorted(unknown)}")
+        for name in MODEL_FIELDS:
+            if name in overrides and overrides[name] != saved.get(name):
+                raise ValueError(f"--{name} {overrides[name]} differs from the checkpoint's "
+                                 f"{saved.get(name)} ({path}); a resumed run keeps the model's shape")
+        merged = {k: v for k, v in saved.items() if k in fields}
+        merged.update(overrides)
+        if "steps" in overrides:
+            merged["epochs"] = None
+        elif "epochs" in overrides:
+            merged["steps"] = None
+        return TrainConfig(**merged)
+
+    def state_dict(self):
+        return {
+            "netG": self.G.state_dict(),
+            "netD": self.D.state_dict(),
+            "optG": self.optG.state_dict(),
+            "optD": self.optD.state_dict(),
+            "step": self.step,
+            "epoch": self.batches.epoch,
+            "batches": self.batches.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "noise": self.noise.get_state().cpu()},
+            "fixed_noise": self.fixed_noise.cpu(),
+            "config": self.config.to_dict(),
+            "log": self.log_rows,
+        }
+
+    def _restore(self, ckpt, path):
+        checkpoint.load_module_state(self.G, ckpt["netG"], "generator", path)
+        checkpoint.load_module_state(self.D, ckpt["netD"], "discriminator", path)
+        self.optG.load_state_dict(ckpt["optG"])
+        self.optD.load_state_dict(ckpt["optD"])
+        self.step = int(ckpt["step"])
+        self.batches.load_state_dict(ckpt["batches"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        self.noise.set_state(ckpt["rng"]["noise"])
+        self.fixed_noise = ckpt["fixed_noise"].to(self.device)
+        self.log_rows = list(ckpt.get("log", []))
+
+    def save_checkpoint(self):
+        path = self.out / "checkpoint.pt"
+        checkpoint.save(path, self.state_dict())
+        return path
+
+    # ---- one step ----------------------------------------------------------------------------
+    def _autocast(self):
+        enabled = self.config.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def train_step(self):
+        """One D update and one G update; returns the step's statistics as 0-d tensors."""
+        cfg = self.config
+        real = self.batches.next_batch()
+        z = torch.randn(real.shape[0], cfg.nz, 1, 1, device=self.device, generator=self.noise)
+        with self._autocast():
+            fake = self.G(z)
+            logits_real = self.D.logits(real)
+            logits_fake = self.D.logits(fake.detach())
+        loss_d = bce_with_logits(logits_real.float(), 1.0) + bce_with_logits(logits_fake.float(), 0.0)
+        self.optD.zero_grad()
+        loss_d.backward()
+        self.optD.step()
+
+        with self._autocast():
+            logits_gen = self.D.logits(fake)
+        loss_g = bce_with_logits(logits_gen.float(), 1.0)
+        self.optG.zero_grad()
+        loss_g.backward()
+        self.optG.step()
+        self.step += 1
+        return {
+            "loss_d": loss_d.detach(),
+            "loss_g": loss_g.detach(),
+            "d_x": torch.sigmoid(logits_real.detach().float()).mean(),
+            "d_g_z": torch.sigmoid(logits_fake.detach().float()).mean(),
+            "d_g_z_after": torch.sigmoid(logits_gen.detach().float()).mean(),
+        }
+
+    # ---- outputs -----------------------------------------------------------------------------
+    def _real_images(self, num, seed_offset):
+        """A fixed random subset of the training set as floats on the device."""
+        from fastdcgan.data import to_float
+
+        n = len(self.dataset.images)
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + seed_offset))
+        return to_float(self.dataset.images[pick[:num].sort().values]).to(self.device)
+
+    def write_samples(self):
+        """The fixed-noise grid from G.eval(); its diversity is checked against real images."""
+        was_training = self.G.training
+        self.G.eval()
+        with torch.no_grad():
+            fake = self.G(self.fixed_noise)
+        self.G.train(was_training)
+        save_grid(fake, self.out / f"fake_samples_step_{self.step:06d}.png")
+        self._warn(self.monitor.check_samples(self.step, fake, self.real_grid))
+
+    def evaluate(self):
+        """SWD between eval_images generated and real images, into the last log row."""
+        from fastdcgan.evaluate import evaluate_generator
+
+        if self.real_eval is None:
+            self.real_eval = self._real_images(self.config.eval_images, 4)
+        result = evaluate_generator(self.G, self.real_eval, seed=self.config.seed)
+        self.log_rows[-1]["swd"] = round(result["swd_avg"], 3)
+        return result
+
+    def _warn(self, messages):
+        for msg in messages:
+            tqdm.write(f"warning: {msg}", file=sys.stderr)
+            with open(self.out / "warnings.log", "a") as f:
+                f.write(msg + "\n")
+
+    def _write_log(self):
+        path = self.out / "log.csv"
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            w.writeheader()
+            w.writerows(self.log_rows)
+        if len(self.log_rows) > 1:
+            plot_losses(self.log_rows, self.out / "losses.png")
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def run(self):
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.real_grid = self._real_images(cfg.num_samples, 3)
+        self.real_eval = None
+        real_path = self.out / "real_samples.png"
+        if not real_path.exists():
+            save_grid(self.real_grid, real_path)
+        stop = _StopRequest()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True,
+                   desc=f"{cfg.device} {cfg.backend} {cfg.precision}")
+        t0, stats = time.perf_counter(), None
+        try:
+            with stop:
+                while self.step < cfg.steps and not stop.requested:
+                    stats = self.train_step()
+                    sample = self.step % cfg.sample_every == 0
+                    save = self.step % cfg.ckpt_every == 0
+                    evaluate = cfg.eval_every and self.step % cfg.eval_every == 0
+                    # Reading the losses checks them: never sample or save a non-finite state.
+                    if sample or save or evaluate or self.step % cfg.log_every == 0:
+                        self._log(stats, time.perf_counter() - t0, bar)
+                    if evaluate:
+                        self.evaluate()
+                    if sample:
+                        self.write_samples()
+                        self._write_log()
+                    if save:
+                        self.save_checkpoint()
+                    bar.update(1)
+        finally:
+            bar.close()
+        if stats is not None and self.log_rows[-1:] and self.log_rows[-1]["step"] != self.step:
+            self._log(stats, time.perf_counter() - t0, None)
+        if stats is not None and cfg.eval_every and self.log_rows[-1]["swd"] == "":
+            self.evaluate()
+        self.write_samples()
+        self._write_log()
+        path = self.save_checkpoint()
+        if stop.requested:
+            print(f"stopped by {stop.requested} at step {self.step}; checkpoint saved to {path}; "
+                  f"continue with --resume {path}", file=sys.stderr)
+        return path
+
+    def _log(self, stats, seconds, bar):
+        values = {k: float(v) for k, v in stats.items()}  # one host sync per log interval
+        self._warn(self.monitor.update(self.step, values["loss_d"], values["loss_g"], values["d_x"],
+                                       values["d_g_z"]))
+        row = {"step": self.step, "epoch": self.batches.epoch, **values, "seconds": round(seconds, 3),
+               "swd": ""}
+        self.log_rows.append(row)
+        if bar is not None:
+            bar.set_postfix(loss_D=f"{values['loss_d']:.3f}", loss_G=f"{values['loss_g']:.3f}",
+                            D_x=f"{values['d_x']:.2f}", D_G_z=f"{values['d_g_z']:.2f}")
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a checkpoint gets written."""
+
+    def __init__(self):
+        self.requested = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def train(config: TrainConfig | dict | None = None, resume=None, overrides=None, progress=True):
+    """Trains with `config` (TrainConfig or dict) or resumes from `resume`; returns the Trainer."""
+    if isinstance(config, dict):
+        config = TrainConfig(**config)
+    trainer = Trainer(config, resume=resume, overrides=overrides, progress=progress)
+    trainer.run()
+    return trainer
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m fastdcgan.train",
+        description="Train a DCGAN (pytorch/examples architecture) on the built-in synthetic faces, "
+                    "CelebA or any image folder. Defaults: the paper's setup on a GPU; on a CPU a "
+                    "narrower net (ngf=ndf=32, batch 64, 400 steps) that finishes in minutes.")
+    a = p.add_argument
+    a("--data", "--dataroot", dest="data", default="synthetic",
+      help="'synthetic' (built-in faces, no download) or a folder of images, e.g. CelebA's img_align_celeba")
+    a("--num-images", type=int, default=20000, help="size of the synthetic set")
+    a("--crop", type=int, default=None, help="center-crop this many pixels before resizing (108 for CelebA)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, default=None, help="total training steps")
+    g.add_argument("--epochs", "--niter", dest="epochs", type=float, default=None, help="epochs over the data")
+    a("--batch-size", "--batchSize", dest="batch_size", type=int, default=None)
+    a("--lr", type=float, default=2e-4)
+    a("--beta1", type=float, default=0.5)
+    a("--beta2", type=float, default=0.999)
+    a("--nz", type=int, default=100, help="latent size")
+    a("--ngf", type=int, default=None, help="generator width")
+    a("--ndf", type=int, default=None, help="discriminator width")
+    a("--seed", "--manualSeed", dest="seed", type=int, default=0)
+    a("--out", "--outf", dest="out", default="runs/dcgan", help="output folder")
+    a("--backend", default="auto", choices=BACKENDS,
+      help="auto: fused Triton kernels on CUDA, eager PyTorch on CPU")
+    a("--precision", default="fp32", choices=("fp32", "bf16"))
+    a("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    a("--resume", default=None, metavar="CKPT", help="continue a run from its checkpoint.pt")
+    a("--sample-every", type=int, default=None, help="steps between sample grids")
+    a("--ckpt-every", type=int, default=None, help="steps between checkpoints")
+    a("--log-every", type=int, default=10, help="steps between loss reads (host syncs)")
+    a("--num-samples", type=int, default=64, help="images in the fixed-noise sample grid")
+    a("--eval-every", type=int, default=0,
+      help="steps between SWD evaluations against real images (logged, plotted); 0: never")
+    a("--eval-images", type=int, default=1000, help="images per SWD evaluation")
+    a("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    resume, progress = args.pop("resume"), not args.pop("no_progress")
+    # What the user typed (not argparse defaults) is what overrides a resumed run's config.
+    overrides = {k: v for k, v in _typed_args(argv).items() if k in args}
+    try:
+        if resume:
+            trainer = train(resume=resume, overrides=overrides, progress=progress)
+        else:
+            trainer = train(TrainConfig(**args), progress=progress)
+    except (ValueError, FileNotFoundError, NonFiniteError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"trained {trainer.step} steps; samples, log.csv, losses.png and checkpoint.pt in "
+          f"{trainer.config.out}")
+    return 0
+
+
+def _typed_args(argv):
+    """Only the options present on the command line (argparse defaults suppressed)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
