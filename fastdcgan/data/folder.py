@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -57,6 +58,16 @@ def _decode(job):
         return i, None
 
 
+def _pool_context():
+    """fork where possible: quick, and no `if __name__ == "__main__":` guard needed in scripts.
+    But a live CUDA context must not be forked; then forkserver/spawn workers (each pays for an
+    import of torch)."""
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and not torch.cuda.is_initialized():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
 def _parse_crop(crop):
     if crop is None:
         return None
@@ -72,8 +83,7 @@ def _parse_crop(crop):
 def list_images(root):
     """Image files under root (recursive, case-insensitive extensions), sorted by relative path."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+    for dirpath, _, filenames in os.walk(root):
         found.extend(os.path.join(dirpath, f) for f in filenames if f.lower().endswith(EXTENSIONS))
     return sorted(found, key=lambda p: Path(p).relative_to(root).as_posix())
 
@@ -113,15 +123,13 @@ class ImageFolderFaces(FaceDataset):
         out = np.empty((len(files), size, size, 3), np.uint8)
         ok = np.zeros(len(files), bool)
         jobs = [(i, f, size, self.crop) for i, f in enumerate(files)]
-        workers = min(workers or os.cpu_count() or 1, len(files))
-        bar = tqdm(total=len(files), desc=f"decoding {self.root.name}", unit="img")
-        with bar:
+        workers = min((os.cpu_count() or 1) if workers is None else workers, len(files))
+        with tqdm(total=len(files), desc=f"decoding {self.root.name}", unit="img") as bar:
             if workers <= 1:
-                results = map(_decode, jobs)
-                self._collect(results, out, ok, bar)
+                self._collect(map(_decode, jobs), out, ok, bar)
             else:
                 chunk = max(1, min(256, len(files) // (workers * 8)))
-                with multiprocessing.get_context().Pool(workers) as pool:
+                with _pool_context().Pool(workers) as pool:
                     self._collect(pool.imap_unordered(_decode, jobs, chunksize=chunk), out, ok, bar)
         if not ok.any():
             raise ValueError(f"none of the {len(files)} images under {self.root} could be read")
