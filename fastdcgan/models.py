@@ -91,21 +91,33 @@ class _DCGANBase(nn.Module):
             return modules(x)
         from fastdcgan import ops
 
-        for conv, bn, (act, slope) in fused_blocks(modules):
-            transposed = isinstance(conv, nn.ConvTranspose2d)
-            fn = ops.conv_transpose_bn_act if transposed else ops.conv_bn_act
-            kwargs = dict(stride=conv.stride[0], padding=conv.padding[0], activation=act)
-            if act == "leaky_relu":
-                kwargs["negative_slope"] = slope
-            if bn is None:
-                x = fn(x, conv.weight, None, None, None, None, **kwargs)
-                continue
-            training = bn.training or bn.running_mean is None
-            if training and bn.track_running_stats and bn.num_batches_tracked is not None:
-                bn.num_batches_tracked.add_(1)
-            x = fn(x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                   training=training, momentum=bn.momentum, eps=bn.eps, **kwargs)
-        return x
+        return ops.fused_network(x, [_fused_block_args(*b) for b in fused_blocks(modules)])
+
+
+def _fused_block_args(conv, bn, act_slope):
+    """One block of ops.fused_network from the modules, with nn.BatchNorm2d's forward semantics
+    (batch stats when training or without running stats; num_batches_tracked; momentum=None is
+    the cumulative average; affine=False is gamma=1, beta=0)."""
+    act, slope = act_slope
+    block = dict(weight=conv.weight, transposed=isinstance(conv, nn.ConvTranspose2d),
+                 stride=conv.stride[0], padding=conv.padding[0], activation=act, negative_slope=slope)
+    if bn is None:
+        return block
+    training = bn.training or bn.running_mean is None
+    momentum = bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    gamma, beta = bn.weight, bn.bias
+    if gamma is None:
+        gamma = torch.ones(bn.num_features, device=conv.weight.device)
+        beta = torch.zeros(bn.num_features, device=conv.weight.device)
+    update = bn.training and bn.track_running_stats
+    block.update(gamma=gamma, beta=beta, training=training, momentum=momentum or 0.0, eps=bn.eps,
+                 running_mean=bn.running_mean if (update or not training) else None,
+                 running_var=bn.running_var if (update or not training) else None)
+    return block
 
 
 class Generator(_DCGANBase):

@@ -1,0 +1,164 @@
+"""One DCGAN block, conv (or transposed conv) + optional BatchNorm + activation, forward and
+backward on NHWC tensors. Used by the per-op autograd Functions (conv_bn_act.py,
+conv_transpose_bn_act.py) and by the chained whole-network Function (network.py).
+
+Forward (training BN): conv GEMM storing the raw output y + per-tile BN partials -> finalize
+(mean, rstd, scale, shift, running stats). The normalized activation act(y*scale + shift) is
+either applied by the consumer GEMM's prologue (chained network: never materialized) or by one
+elementwise pass (per-op API, which must return it). Eval BN / no BN: the transform is known
+before the GEMM, so the epilogue applies it (BN folded into a per-channel scale and bias).
+
+Backward: (BN) per-channel reductions sum(dz), sum(dz*xhat) -> coefficients A, B, C; the weight
+gradient (split-K GEMM) and the data gradient (the "other" conv direction) both load
+dy = A*dz + B*y + C through their prologue. Saved: the block input (or the producer's raw y),
+this block's raw y, and per-channel mean/rstd/scale/shift only.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from .bn import bn_apply, bn_bwd_finalize, bn_bwd_reduce, bn_finalize
+from .implicit_gemm import (BwdOperand, Xform, conv_gemm, conv_out_size, conv_wgrad, gemv,
+                            make_geom, pack_weight, unpack_grad)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    transposed: bool
+    stride: int
+    padding: int
+    act: int          # activation code (activations.ACTIVATIONS)
+    slope: float      # LeakyReLU negative_slope
+    bn: bool
+    training: bool    # BN from batch statistics (and running-stat update) vs running stats
+    momentum: float
+    eps: float
+
+
+@dataclass
+class BlockOut:
+    y: object         # raw conv output, NHWC (kept for backward / consumed through xform)
+    a: object         # materialized activation, NHWC, or None
+    xform: object     # Xform turning y into the activation (for a consumer's prologue)
+    mean: object      # per-channel fp32 BN vectors (None without BN)
+    rstd: object
+    geom: object
+
+
+def _kio(transposed, dgrad):
+    # Permutation of the PyTorch weight to (kh, kw, gemm-in, gemm-out). Conv2d weight is
+    # (Cout, Cin, kh, kw), ConvTranspose2d (Cin, Cout, kh, kw); a dgrad swaps in and out.
+    return (2, 3, 0, 1) if transposed != dgrad else (2, 3, 1, 0)
+
+
+def out_channels(weight, transposed):
+    return weight.shape[1] if transposed else weight.shape[0]
+
+
+def _is_gemv(spec, x, cout):
+    # kernel covers the whole 4x4 input and the output has too few channels for a tensor-core tile
+    return (not spec.transposed and spec.stride == 1 and spec.padding == 0 and not spec.bn
+            and x.shape[1] == 4 and x.shape[2] == 4 and cout < 16)
+
+
+def block_forward(x, pro, weight, gamma, beta, running_mean, running_var, spec, *, keep_y, materialize):
+    """x: NHWC input, through the prologue `pro` (Xform of its producer) or raw (pro None).
+    keep_y: store the raw conv output (needed for backward). materialize: return the activation."""
+    nb, ih, iw, _ = x.shape
+    cout = out_channels(weight, spec.transposed)
+    oh = conv_out_size(spec.transposed, spec.stride, spec.padding, ih)
+    ow = conv_out_size(spec.transposed, spec.stride, spec.padding, iw)
+    geom = make_geom(spec.transposed, spec.stride, spec.padding, ih, iw, oh, ow)
+    wp = pack_weight(weight, geom, _kio(spec.transposed, False), x.dtype)
+    if spec.bn and spec.training:
+        y, _, partials = conv_gemm(x, wp, geom, cout, pro=pro, stats=1)
+        mean, rstd, scale, shift = bn_finalize(partials, gamma, beta, running_mean, running_var,
+                                               training=True, momentum=spec.momentum, eps=spec.eps)
+        xform = Xform(scale, shift, spec.act, spec.slope)
+        a = bn_apply(y, scale, shift, spec.act, spec.slope, y.dtype) if materialize else None
+        return BlockOut(y, a, xform, mean, rstd, geom)
+    mean = rstd = scale = shift = None
+    if spec.bn:
+        mean, rstd, scale, shift = bn_finalize(None, gamma, beta, running_mean, running_var,
+                                               training=False, momentum=0.0, eps=spec.eps)
+    xform = Xform(scale, shift, spec.act, spec.slope)
+    store_a = materialize or not keep_y
+    if _is_gemv(spec, x, cout):
+        y, a = gemv(x, wp, cout, pro=pro, epi=xform, store_y=keep_y, store_a=store_a)
+    else:
+        y, a, _ = conv_gemm(x, wp, geom, cout, pro=pro, store_y=keep_y, epi=xform, store_a=store_a)
+    return BlockOut(y, a, xform, mean, rstd, geom)
+
+
+def block_backward(g, x, pro, weight, gamma, out, spec, *, need_dx, need_dw, partials=None, prod=None):
+    """g: NHWC gradient w.r.t. the block's activation. x / pro: the block input as in forward.
+    partials: BN backward sums of this block already reduced (by the consumer's dgrad epilogue).
+    prod: (y, scale, shift, mean, rstd, act, slope) of the producer of x, when its BN backward
+    sums should be fused into this block's dgrad epilogue.
+    Returns (dx, dW, dgamma, dbeta, producer partials)."""
+    y = out.y
+    if spec.bn:
+        xf = out.xform
+        if partials is None:
+            partials = bn_bwd_reduce(g, y, xf.scale, xf.shift, out.mean, out.rstd, spec.act, spec.slope)
+        count = y.numel() // y.shape[-1]
+        dgamma, dbeta, ca, cb, cc = bn_bwd_finalize(partials, gamma, out.mean, out.rstd, count,
+                                                    training=spec.training)
+        bo = BwdOperand(g, y, xf.scale, xf.shift, ca, cb, cc, spec.act, spec.slope)
+    else:
+        dgamma = dbeta = None
+        bo = BwdOperand(g, y, None, None, None, None, None, spec.act, spec.slope)
+    dw = None
+    if need_dw:
+        dwp = conv_wgrad(x, pro, bo, out.geom)
+        dw = unpack_grad(dwp, out.geom, _kio(spec.transposed, False), weight.shape).to(weight.dtype)
+    dx = prod_partials = None
+    if need_dx:
+        nb, ih, iw, cin = x.shape
+        geom = make_geom(not spec.transposed, spec.stride, spec.padding, y.shape[1], y.shape[2], ih, iw)
+        wpd = pack_weight(weight, geom, _kio(spec.transposed, True), y.dtype)
+        dx, _, prod_partials = conv_gemm(None, wpd, geom, cin, bwd=bo, stats=2 if prod else 0, prod=prod)
+    return dx, dw, dgamma, dbeta, prod_partials
+
+
+class BlockFunction(torch.autograd.Function):
+    """Autograd for one block with a materialized NCHW-shaped input and output (the public ops);
+    tensors are viewed as NHWC (free for channels_last tensors, which is what the ops return)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, gamma, beta, running_mean, running_var, spec):
+        xh = x.permute(0, 2, 3, 1).contiguous()
+        out = block_forward(xh, None, weight, gamma, beta, running_mean, running_var, spec,
+                            keep_y=True, materialize=True)
+        ctx.spec, ctx.geom = spec, out.geom
+        xf = out.xform
+        ctx.save_for_backward(xh, weight, gamma, out.y, out.mean, out.rstd, xf.scale, xf.shift)
+        return out.a.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xh, weight, gamma, y, mean, rstd, scale, shift = ctx.saved_tensors
+        spec = ctx.spec
+        out = BlockOut(y, None, Xform(scale, shift, spec.act, spec.slope), mean, rstd, ctx.geom)
+        g = grad.permute(0, 2, 3, 1).contiguous().to(y.dtype)
+        need = ctx.needs_input_grad
+        dx, dw, dgamma, dbeta, _ = block_backward(g, xh, None, weight, gamma, out, spec,
+                                                  need_dx=need[0], need_dw=need[1])
+        if dx is not None:
+            dx = dx.permute(0, 3, 1, 2)
+        if dgamma is not None:
+            dgamma, dbeta = dgamma.to(gamma.dtype), dbeta.to(gamma.dtype)
+        return dx, dw, dgamma if need[2] else None, dbeta if need[3] else None, None, None, None
+
+
+def run_block(x, weight, gamma, beta, running_mean, running_var, spec):
+    """Dispatches through autograd when a gradient is needed, else straight to the kernels."""
+    needs = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, gamma, beta))
+    if needs:
+        return BlockFunction.apply(x, weight, gamma, beta, running_mean, running_var, spec)
+    with torch.no_grad():
+        xh = x.permute(0, 2, 3, 1).contiguous()
+        out = block_forward(xh, None, weight, gamma, beta, running_mean, running_var, spec,
+                            keep_y=False, materialize=True)
+        return out.a.permute(0, 3, 1, 2)

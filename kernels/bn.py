@@ -1,0 +1,213 @@
+"""BatchNorm pieces shared by the fused conv blocks (training-mode BN split around the GEMMs).
+
+Forward: the conv GEMM epilogue writes per-tile (count, mean, M2) partials of its output tile;
+`bn_finalize` merges them (Chan's parallel-variance formula, deterministic, fp32), updates the
+running stats like F.batch_norm (momentum, unbiased variance) and emits mean, rstd (saved for
+backward) and scale = gamma*rstd, shift = beta - mean*scale (consumed by the next GEMM's
+prologue, or by `bn_apply` where an op must return a materialized activation).
+
+Backward (per channel, M = N*H*W, xhat = (y-mean)*rstd, dz = g*act'(z)):
+    dbeta = sum(dz), dgamma = sum(dz*xhat)
+    dy = A*dz + B*y + C,  A = gamma*rstd, B = -gamma*rstd^2*dgamma/M,
+                           C = gamma*rstd*(rstd*mean*dgamma - dbeta)/M
+The per-tile sums come from `bn_bwd_reduce` (or from a dgrad GEMM epilogue in the chained
+network); `bn_bwd_finalize` reduces them and emits dgamma, dbeta, A, B, C, which the dgrad /
+wgrad GEMM prologues apply as they load dy. In eval mode B = C = 0.
+"""
+import triton
+import triton.language as tl
+
+from .activations import act_grad, apply_act
+from .memory import new_empty
+
+# Finalize: one program per 32 channels (128-byte coalesced partial rows) walking the partial
+# rows 128 at a time; at B = 512 the largest layer has ~4k partial rows, i.e. 32 steps per pass.
+FIN_BLOCK_T, FIN_BLOCK_C = 128, 32
+# Elementwise passes over an NHWC tensor viewed as [rows, C]: a 64-row x 64-channel tile keeps
+# the channel vectors in registers and each row's channels contiguous (coalesced). The backward
+# reduction walks RED_ROWS rows per program so that its partial buffer (and the finalize's
+# serial walk over it) stays small.
+EW_BLOCK_R, EW_BLOCK_C = 64, 64
+RED_ROWS = 512
+
+
+@triton.jit
+def bn_finalize_kernel(mean_t_ptr, m2_t_ptr, cnt_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr,
+                       mean_ptr, rstd_ptr, scale_ptr, shift_ptr, T, C, momentum, eps,
+                       TRAINING: tl.constexpr, UPDATE: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Each program owns BLOCK_C channels and walks all T tile partials twice: the batch mean from
+    # sum(cnt*mean_t), then M2 = sum(M2_t + cnt*(mean_t - mean)^2) (Chan), in a fixed order.
+    rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = rc < C
+    if TRAINING:
+        n = tl.zeros([BLOCK_C], tl.float32)
+        s = tl.zeros([BLOCK_C], tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            rt = t0 + tl.arange(0, BLOCK_T)
+            m = (rt < T)[:, None] & c_ok[None, :]
+            cnt = tl.load(cnt_ptr + rt, mask=rt < T, other=0.0)
+            mu = tl.load(mean_t_ptr + rt[:, None] * C + rc[None, :], mask=m, other=0.0)
+            n += tl.sum(cnt, 0)
+            s += tl.sum(cnt[:, None] * mu, 0)
+        mean = s / n
+        m2 = tl.zeros([BLOCK_C], tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            rt = t0 + tl.arange(0, BLOCK_T)
+            m = (rt < T)[:, None] & c_ok[None, :]
+            cnt = tl.load(cnt_ptr + rt, mask=rt < T, other=0.0)
+            mu = tl.load(mean_t_ptr + rt[:, None] * C + rc[None, :], mask=m, other=0.0)
+            q = tl.load(m2_t_ptr + rt[:, None] * C + rc[None, :], mask=m, other=0.0)
+            d = mu - mean[None, :]
+            m2 += tl.sum(q + cnt[:, None] * d * d, 0)
+        var = m2 / n
+        if UPDATE:
+            rm = tl.load(rm_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)
+            rv = tl.load(rv_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)
+            rm = (1.0 - momentum) * rm + momentum * mean
+            rv = (1.0 - momentum) * rv + momentum * (m2 / (n - 1.0))
+            tl.store(rm_ptr + rc, rm.to(rm_ptr.dtype.element_ty), mask=c_ok)
+            tl.store(rv_ptr + rc, rv.to(rv_ptr.dtype.element_ty), mask=c_ok)
+    else:
+        mean = tl.load(rm_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)
+        var = tl.load(rv_ptr + rc, mask=c_ok, other=1.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    gamma = tl.load(gamma_ptr + rc, mask=c_ok, other=1.0).to(tl.float32)
+    beta = tl.load(beta_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)
+    scale = gamma * rstd
+    tl.store(mean_ptr + rc, mean, mask=c_ok)
+    tl.store(rstd_ptr + rc, rstd, mask=c_ok)
+    tl.store(scale_ptr + rc, scale, mask=c_ok)
+    tl.store(shift_ptr + rc, beta - mean * scale, mask=c_ok)
+
+
+@triton.jit
+def bn_apply_kernel(y_ptr, a_ptr, scale_ptr, shift_ptr, R, C, slope,
+                    ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # a = act(y*scale + shift) on a [BLOCK_R, BLOCK_C] tile of the NHWC tensor seen as [R, C].
+    rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m = (rr < R)[:, None] & (rc < C)[None, :]
+    offs = rr[:, None] * C + rc[None, :]
+    y = tl.load(y_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    s = tl.load(scale_ptr + rc, mask=rc < C, other=0.0)
+    b = tl.load(shift_ptr + rc, mask=rc < C, other=0.0)
+    a = apply_act(y * s[None, :] + b[None, :], ACT, slope)
+    tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def bn_bwd_reduce_kernel(g_ptr, y_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, s0_ptr, s1_ptr,
+                         R, C, slope, ACT: tl.constexpr, ROWS: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Each program: ROWS rows x BLOCK_C channels, walked BLOCK_R rows at a time; dz = g*act'(z)
+    # with z = y*scale + shift recomputed from the saved conv output; the column sums of dz and
+    # dz*xhat go to row pid_r of the partials.
+    pid_r = tl.program_id(0)
+    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = rc < C
+    s = tl.load(scale_ptr + rc, mask=c_ok, other=0.0)[None, :]
+    b = tl.load(shift_ptr + rc, mask=c_ok, other=0.0)[None, :]
+    mu = tl.load(mean_ptr + rc, mask=c_ok, other=0.0)[None, :]
+    r = tl.load(rstd_ptr + rc, mask=c_ok, other=0.0)[None, :]
+    s0 = tl.zeros([BLOCK_C], tl.float32)
+    s1 = tl.zeros([BLOCK_C], tl.float32)
+    for r0 in range(pid_r * ROWS, pid_r * ROWS + ROWS, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        m = (rr < R)[:, None] & c_ok[None, :]
+        offs = rr[:, None] * C + rc[None, :]
+        y = tl.load(y_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        dz = tl.where(m, g * act_grad(y * s + b, ACT, slope), 0.0)
+        s0 += tl.sum(dz, 0)
+        s1 += tl.sum(dz * (y - mu) * r, 0)
+    tl.store(s0_ptr + pid_r * C + rc, s0, mask=c_ok)
+    tl.store(s1_ptr + pid_r * C + rc, s1, mask=c_ok)
+
+
+@triton.jit
+def bn_bwd_finalize_kernel(s0_ptr, s1_ptr, T, C, count, gamma_ptr, mean_ptr, rstd_ptr,
+                           dgamma_ptr, dbeta_ptr, ca_ptr, cb_ptr, cc_ptr,
+                           TRAINING: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Each program reduces the T partial rows of BLOCK_C channels (fixed order: deterministic)
+    # and emits dgamma, dbeta and the per-channel coefficients of dy = A*dz + B*y + C.
+    rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = rc < C
+    dbeta = tl.zeros([BLOCK_C], tl.float32)
+    dgamma = tl.zeros([BLOCK_C], tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        rt = t0 + tl.arange(0, BLOCK_T)
+        m = (rt < T)[:, None] & c_ok[None, :]
+        dbeta += tl.sum(tl.load(s0_ptr + rt[:, None] * C + rc[None, :], mask=m, other=0.0), 0)
+        dgamma += tl.sum(tl.load(s1_ptr + rt[:, None] * C + rc[None, :], mask=m, other=0.0), 0)
+    gamma = tl.load(gamma_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)
+    rstd = tl.load(rstd_ptr + rc, mask=c_ok, other=0.0)
+    a = gamma * rstd
+    if TRAINING:
+        mean = tl.load(mean_ptr + rc, mask=c_ok, other=0.0)
+        b = -a * rstd * dgamma / count
+        c = a * (rstd * mean * dgamma - dbeta) / count
+    else:
+        b = tl.zeros([BLOCK_C], tl.float32)
+        c = tl.zeros([BLOCK_C], tl.float32)
+    tl.store(dgamma_ptr + rc, dgamma, mask=c_ok)
+    tl.store(dbeta_ptr + rc, dbeta, mask=c_ok)
+    tl.store(ca_ptr + rc, a, mask=c_ok)
+    tl.store(cb_ptr + rc, b, mask=c_ok)
+    tl.store(cc_ptr + rc, c, mask=c_ok)
+
+
+def bn_finalize(partials, gamma, beta, running_mean, running_var, *, training, momentum, eps):
+    """partials = (mean_t [T, C], m2_t [T, C], cnt [T]) or None in eval mode.
+    Returns fp32 (mean, rstd, scale, shift); updates the running stats in place when training."""
+    c, dev = gamma.numel(), gamma.device
+    mean, rstd, scale, shift = (new_empty((c,), dev) for _ in range(4))
+    update = training and running_mean is not None
+    if training:
+        mean_t, m2_t, cnt = partials
+        t = cnt.numel()
+    else:
+        mean_t = m2_t = cnt = mean
+        t = 0
+    rm = running_mean if running_mean is not None else mean
+    rv = running_var if running_var is not None else mean
+    bn_finalize_kernel[(triton.cdiv(c, FIN_BLOCK_C),)](
+        mean_t, m2_t, cnt, gamma, beta, rm, rv, mean, rstd, scale, shift, t, c,
+        float(momentum), float(eps), TRAINING=training, UPDATE=update,
+        BLOCK_T=FIN_BLOCK_T, BLOCK_C=FIN_BLOCK_C)
+    return mean, rstd, scale, shift
+
+
+def bn_apply(y, scale, shift, act, slope, out_dtype):
+    """act(y*scale + shift) over an NHWC tensor, written as a new NHWC tensor."""
+    c = y.shape[-1]
+    r = y.numel() // c
+    a = new_empty(y.shape, y.device, out_dtype)
+    grid = (triton.cdiv(r, EW_BLOCK_R), triton.cdiv(c, EW_BLOCK_C))
+    bn_apply_kernel[grid](y, a, scale, shift, r, c, float(slope), ACT=act,
+                          BLOCK_R=EW_BLOCK_R, BLOCK_C=EW_BLOCK_C)
+    return a
+
+
+def bn_bwd_reduce(g, y, scale, shift, mean, rstd, act, slope):
+    """Per-tile partial sums (dz, dz*xhat) of an NHWC gradient g against the saved output y."""
+    c = y.shape[-1]
+    r = y.numel() // c
+    t = triton.cdiv(r, RED_ROWS)
+    s0 = new_empty((t, c), y.device)
+    s1 = new_empty((t, c), y.device)
+    bn_bwd_reduce_kernel[(t, triton.cdiv(c, EW_BLOCK_C))](
+        g, y, scale, shift, mean, rstd, s0, s1, r, c, float(slope), ACT=act, ROWS=RED_ROWS,
+        BLOCK_R=EW_BLOCK_R, BLOCK_C=EW_BLOCK_C)
+    return s0, s1
+
+
+def bn_bwd_finalize(partials, gamma, mean, rstd, count, *, training):
+    """Returns (dgamma, dbeta, A, B, C), all fp32 [C]."""
+    s0, s1 = partials
+    c, dev = gamma.numel(), gamma.device
+    out = [new_empty((c,), dev) for _ in range(5)]
+    bn_bwd_finalize_kernel[(triton.cdiv(c, FIN_BLOCK_C),)](
+        s0, s1, s0.shape[0], c, float(count), gamma, mean, rstd, *out,
+        TRAINING=training, BLOCK_T=FIN_BLOCK_T, BLOCK_C=FIN_BLOCK_C)
+    return tuple(out)

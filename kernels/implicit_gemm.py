@@ -1,0 +1,592 @@
+"""Implicit-GEMM convolution kernels (NHWC) shared by every conv / transposed-conv block.
+
+One geometry covers all the DCGAN convolutions (kernel 4) as dense GEMMs with no zero insertion:
+for an output phase (ph, pw) in a PHW x PHW grid, GEMM row m = (n, mh, mw), GEMM column = output
+channel co, reduction k = (th, tw, ci) over T x T taps (ci fastest, contiguous in NHWC):
+
+    out[n, mh*OS + ph, mw*OS + pw, co] =
+        sum_{th, tw, ci} x[n, mh*IS + ph*PIN + IOFF + th*TSTEP, (same for w), ci] * Wp[phase, th, tw, ci, co]
+
+    Conv2d(s, p):            PHW=1, T=4, IS=s, OS=1, PIN=0, TSTEP=+1, IOFF=-p
+    ConvTranspose2d(s2, p1): PHW=2, T=2, IS=1, OS=2, PIN=1, TSTEP=-1, IOFF=0   (the 4 phase GEMMs:
+                             even rows y[2a] = x[a]w[1] + x[a-1]w[3], odd y[2a+1] = x[a+1]w[0] + x[a]w[2])
+    ConvTranspose2d(s1, p0) from a 1x1 map (G's first layer, z @ W): PHW=4, T=1
+                             (16 GEMMs [B, nz] @ [nz, Cout], one per output pixel)
+    ConvTranspose2d(s1, p0) otherwise: PHW=1, T=4, TSTEP=-1 (a conv with the flipped kernel)
+
+Conv2d's data gradient is ConvTranspose2d's forward and vice versa, so the same kernel is the
+dgrad of either. Taps falling outside the input are masked (zero AFTER the prologue transform).
+
+Operand prologues (MODE): 0 raw; 1 a = act(x*scale + shift) (the producer's BN-apply and activation,
+so a whole network runs on raw conv outputs); 2 dy = A*g*act'(y*scale + shift) + B*y + C (the BN +
+activation backward, from the saved conv output y and the incoming gradient g).
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+import triton.testing
+
+from .activations import act_grad, apply_act
+from .memory import new_empty
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Tile configs are chosen per layer shape (gemm_tiles / wgrad_tiles). FASTDCGAN_AUTOTUNE=1 lets
+# triton.autotune pick between each launch site's two candidates on the GPU (a short benchmark per
+# shape, but every candidate is one more compile of several seconds, so it is opt-in).
+AUTOTUNE = not INTERPRET and os.environ.get("FASTDCGAN_AUTOTUNE", "0") == "1"
+
+
+def fp32_precision():
+    """tl.dot input precision for fp32 operands: "tf32" (default, like cuDNN's allow_tf32) or
+    "ieee" (exact fp32), from FASTDCGAN_FP32_PRECISION at call time."""
+    p = os.environ.get("FASTDCGAN_FP32_PRECISION", "tf32").lower()
+    if p not in ("tf32", "ieee"):
+        raise ValueError(f"FASTDCGAN_FP32_PRECISION must be 'tf32' or 'ieee', got {p!r}")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Geom:
+    phw: int     # output phases per spatial dim
+    t: int       # taps per spatial dim per phase
+    in_s: int    # input step per GEMM row step (IS)
+    out_s: int   # output step per GEMM row step (OS)
+    pin: int     # input shift per phase (PIN)
+    tstep: int   # input step per tap (TSTEP)
+    ioff: int    # input offset (IOFF)
+    ih: int
+    iw: int
+    oh: int
+    ow: int
+    mh: int      # GEMM rows per image per phase = mh * mw
+    mw: int
+
+    @property
+    def phases(self):
+        return self.phw * self.phw
+
+    def tap_index(self):
+        """Kernel tap kh*4+kw of each (phase, th, tw) in packing order."""
+        idx = []
+        for ph in range(self.phw):
+            for pw in range(self.phw):
+                for th in range(self.t):
+                    for tw in range(self.t):
+                        idx.append(self._tap(ph, th) * 4 + self._tap(pw, tw))
+        return idx
+
+    def _tap(self, p, t):
+        if self.phw == 2:        # transposed s2p1: kh = (1 - ph) + 2*th
+            return 1 - p + 2 * t
+        if self.phw == 4:        # transposed s1p0 from 1x1: kh = ph
+            return p
+        return t                 # dense: kh = th
+
+
+def conv_out_size(transposed, stride, padding, size):
+    return (size - 1) * stride - 2 * padding + 4 if transposed else (size + 2 * padding - 4) // stride + 1
+
+
+def make_geom(transposed, stride, padding, ih, iw, oh, ow):
+    """Geometry of a kernel-4 (transposed) convolution mapping an ih x iw map to oh x ow."""
+    if not transposed:
+        return Geom(1, 4, stride, 1, 0, 1, -padding, ih, iw, oh, ow, oh, ow)
+    if stride == 2:   # padding 1
+        return Geom(2, 2, 1, 2, 1, -1, 0, ih, iw, oh, ow, (oh + 1) // 2, (ow + 1) // 2)
+    if ih == 1 and iw == 1:   # stride 1, padding 0
+        return Geom(4, 1, 1, 1, 0, 0, 0, ih, iw, oh, ow, 1, 1)
+    return Geom(1, 4, 1, 1, 0, -1, padding, ih, iw, oh, ow, oh, ow)
+
+
+_TAP_CACHE = {}
+
+
+def _tap_tensor(geom, device):
+    key = (geom.phw, geom.t, str(device))
+    if key not in _TAP_CACHE:
+        _TAP_CACHE[key] = torch.tensor(geom.tap_index(), dtype=torch.long, device=device)
+    return _TAP_CACHE[key]
+
+
+def pack_weight(w, geom, kio, dtype):
+    """w in PyTorch layout -> [phases*T*T*Cin, Cout] (K-major rows (phase, th, tw, ci)) in dtype.
+    kio permutes w's dims to (kh, kw, gemm-in, gemm-out)."""
+    wk = w.detach().permute(*kio)
+    cin, cout = wk.shape[2], wk.shape[3]
+    wk = wk.reshape(16, cin, cout)
+    return wk.index_select(0, _tap_tensor(geom, w.device)).to(dtype).reshape(-1, cout).contiguous()
+
+
+def unpack_grad(dwp, geom, kio, w_shape):
+    """Inverse of pack_weight for a gradient: [phases*T*T*Cin, Cout] fp32 -> PyTorch layout."""
+    cout = dwp.shape[1]
+    cin = dwp.shape[0] // (geom.phases * geom.t * geom.t)
+    wk = torch.empty(16, cin, cout, device=dwp.device, dtype=dwp.dtype)
+    wk.index_copy_(0, _tap_tensor(geom, dwp.device), dwp.view(-1, cin, cout))
+    inv = [kio.index(i) for i in range(4)]
+    out = wk.view(4, 4, cin, cout).permute(*inv).contiguous()
+    assert tuple(out.shape) == tuple(w_shape)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _rows(rm, MH, MW, ph, pw, IOFF, IS: tl.constexpr, OS: tl.constexpr, PIN: tl.constexpr):
+    # GEMM row m -> image n, first input tap (ih0, iw0) and output pixel (oh, ow) of phase (ph, pw)
+    n = rm // (MH * MW)
+    r = rm % (MH * MW)
+    mh = r // MW
+    mw = r % MW
+    return n, mh * IS + ph * PIN + IOFF, mw * IS + pw * PIN + IOFF, mh * OS + ph, mw * OS + pw
+
+
+@triton.jit
+def _im2col(k0, rk, xrow, ih0, iw0, row_ok, CIN, IH, IW, KTOT,
+            T: tl.constexpr, TSTEP: tl.constexpr, ALIGNED: tl.constexpr):
+    # Offsets/mask of the [BLOCK_M, BLOCK_K] operand tile at reduction offset k0 (k = (th, tw, ci)).
+    # ALIGNED (CIN % BLOCK_K == 0): the whole K block lies in one tap, so the tap is a scalar and
+    # the spatial bounds are per row; otherwise (CIN = 3, nz = 100, ...) k is decoded per element
+    # so taps pack densely into K instead of padding each tap's channels to BLOCK_K.
+    if ALIGNED:
+        tap = k0 // CIN
+        ci = tl.multiple_of(k0 - tap * CIN, 16) + rk
+        ih = ih0 + (tap // T) * TSTEP
+        iw = iw0 + (tap % T) * TSTEP
+        ok = row_ok & (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
+        offs = (xrow + (ih * IW + iw) * CIN)[:, None] + ci[None, :]
+        ok = tl.broadcast_to(ok[:, None], offs.shape)
+    else:
+        kk = k0 + rk
+        tap = kk // CIN
+        ci = kk % CIN
+        ih = ih0[:, None] + ((tap // T) * TSTEP)[None, :]
+        iw = iw0[:, None] + ((tap % T) * TSTEP)[None, :]
+        ok = row_ok[:, None] & (kk < KTOT)[None, :] & (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
+        offs = xrow[:, None] + (ih * IW + iw) * CIN + ci[None, :]
+    return offs, ok, ci
+
+
+@triton.jit
+def _load_operand(x_ptr, g_ptr, offs, ok, ch, C, s_ptr, b_ptr, ca_ptr, cb_ptr, cc_ptr, slope,
+                  MODE: tl.constexpr, AFFINE: tl.constexpr, ACT: tl.constexpr):
+    # Loads a GEMM operand tile (fp32) applying the prologue MODE; ch = channel of each column.
+    v = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    if MODE == 1:
+        if AFFINE:
+            cm = ch < C
+            v = v * tl.load(s_ptr + ch, mask=cm, other=0.0)[None, :] \
+                + tl.load(b_ptr + ch, mask=cm, other=0.0)[None, :]
+        v = tl.where(ok, apply_act(v, ACT, slope), 0.0)
+    elif MODE == 2:
+        g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        if AFFINE:
+            cm = ch < C
+            z = v * tl.load(s_ptr + ch, mask=cm, other=0.0)[None, :] \
+                + tl.load(b_ptr + ch, mask=cm, other=0.0)[None, :]
+            v = tl.load(ca_ptr + ch, mask=cm, other=0.0)[None, :] * g * act_grad(z, ACT, slope) \
+                + tl.load(cb_ptr + ch, mask=cm, other=0.0)[None, :] * v \
+                + tl.load(cc_ptr + ch, mask=cm, other=0.0)[None, :]
+            v = tl.where(ok, v, 0.0)
+        else:
+            v = g * act_grad(v, ACT, slope)
+    return v
+
+
+@triton.jit
+def conv_gemm_kernel(
+    x_ptr, g_ptr, w_ptr, y_ptr, a_ptr,
+    ps_ptr, pb_ptr, pca_ptr, pcb_ptr, pcc_ptr,
+    es_ptr, eb_ptr, em_ptr, er_ptr, ey_ptr,
+    st0_ptr, st1_ptr, cnt_ptr,
+    M, CIN, COUT, IH, IW, OH, OW, MH, MW, IOFF, pro_slope, epi_slope,
+    PRO: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_ACT: tl.constexpr,
+    STORE_Y: tl.constexpr, STORE_A: tl.constexpr, EPI_AFFINE: tl.constexpr, EPI_ACT: tl.constexpr,
+    STATS: tl.constexpr,
+    PHW: tl.constexpr, T: tl.constexpr, IS: tl.constexpr, OS: tl.constexpr, PIN: tl.constexpr,
+    TSTEP: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # One program: a [BLOCK_M output pixels, BLOCK_N output channels] tile of one phase, K looped
+    # in BLOCK_K steps. Programs along axis 0 (the fastest) share the same rows, so the im2col rows
+    # are read from DRAM once and the weight (small) stays in L2.
+    # Epilogue: STORE_Y raw accumulator; STORE_A act(acc*es + eb); STATS 1: per-tile (count, mean,
+    # M2) of acc for BN (row phase*num_m_tiles + pid_m of the partials); STATS 2: per-tile sums of
+    # dz = acc*act'(z) and dz*xhat of the producer layer whose saved output ey sits at the same
+    # positions (the chained network's dgrad fuses the next BN backward reduction here).
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    phase = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n, ih0, iw0, oh, ow = _rows(rm, MH, MW, phase // PHW, phase % PHW, IOFF, IS, OS, PIN)
+    row_ok = (rm < M) & (oh < OH) & (ow < OW)
+    xrow = n * (IH * IW * CIN)
+    rk = tl.arange(0, BLOCK_K)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = rn < COUT
+    KTOT = T * T * CIN
+    w_base = w_ptr + phase * KTOT * COUT
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, KTOT, BLOCK_K):
+        offs, ok, ci = _im2col(k0, rk, xrow, ih0, iw0, row_ok, CIN, IH, IW, KTOT, T, TSTEP, ALIGNED)
+        a = _load_operand(x_ptr, g_ptr, offs, ok, ci, CIN, ps_ptr, pb_ptr, pca_ptr, pcb_ptr, pcc_ptr,
+                          pro_slope, PRO, PRO_AFFINE, PRO_ACT)
+        kk = k0 + rk
+        b = tl.load(w_base + kk[:, None] * COUT + rn[None, :],
+                    mask=(kk < KTOT)[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PREC)
+
+    optr = ((n * (OH * OW) + oh * OW + ow) * COUT)[:, None] + rn[None, :]
+    omask = row_ok[:, None] & col_ok[None, :]
+    if STORE_Y:
+        tl.store(y_ptr + optr, acc.to(y_ptr.dtype.element_ty), mask=omask)
+    srow = phase * tl.num_programs(1) + pid_m
+    if STATS == 1:
+        cnt = tl.sum(row_ok.to(tl.float32), 0)
+        mean_t = tl.sum(tl.where(omask, acc, 0.0), 0) / tl.maximum(cnt, 1.0)
+        d = tl.where(omask, acc - mean_t[None, :], 0.0)
+        tl.store(st0_ptr + srow * COUT + rn, mean_t, mask=col_ok)
+        tl.store(st1_ptr + srow * COUT + rn, tl.sum(d * d, 0), mask=col_ok)
+        tl.store(cnt_ptr + srow, cnt)
+    if STATS == 2:
+        yp = tl.load(ey_ptr + optr, mask=omask, other=0.0).to(tl.float32)
+        s = tl.load(es_ptr + rn, mask=col_ok, other=0.0)[None, :]
+        b = tl.load(eb_ptr + rn, mask=col_ok, other=0.0)[None, :]
+        mu = tl.load(em_ptr + rn, mask=col_ok, other=0.0)[None, :]
+        r = tl.load(er_ptr + rn, mask=col_ok, other=0.0)[None, :]
+        dz = tl.where(omask, acc * act_grad(yp * s + b, EPI_ACT, epi_slope), 0.0)
+        tl.store(st0_ptr + srow * COUT + rn, tl.sum(dz, 0), mask=col_ok)
+        tl.store(st1_ptr + srow * COUT + rn, tl.sum(dz * (yp - mu) * r, 0), mask=col_ok)
+    if STORE_A:
+        v = acc
+        if EPI_AFFINE:
+            v = v * tl.load(es_ptr + rn, mask=col_ok, other=0.0)[None, :] \
+                + tl.load(eb_ptr + rn, mask=col_ok, other=0.0)[None, :]
+        v = apply_act(v, EPI_ACT, epi_slope)
+        tl.store(a_ptr + optr, v.to(a_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def conv_wgrad_kernel(
+    x_ptr, g_ptr, y_ptr, dw_ptr,
+    ps_ptr, pb_ptr, qs_ptr, qb_ptr, qca_ptr, qcb_ptr, qcc_ptr,
+    M, CIN, COUT, IH, IW, OH, OW, MH, MW, IOFF, SPLIT, M_SPLIT, pro_slope, out_slope,
+    PRO: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_ACT: tl.constexpr,
+    OUT_AFFINE: tl.constexpr, OUT_ACT: tl.constexpr,
+    PHW: tl.constexpr, T: tl.constexpr, IS: tl.constexpr, OS: tl.constexpr, PIN: tl.constexpr,
+    TSTEP: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Weight gradient dWp[phase] = im2col(x)^T @ dy as a split-K GEMM: one program owns a
+    # [BLOCK_K weight rows (th, tw, ci), BLOCK_N output channels] tile and one of SPLIT slices of
+    # the (huge) pixel reduction, and adds its fp32 partial into dw with atomics. The forward
+    # input comes through the producer's prologue (MODE 1) and dy through the BN/act backward
+    # prologue (MODE 2), so neither is materialized.
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    phase = tl.program_id(2) // SPLIT
+    split = tl.program_id(2) % SPLIT
+    k0 = pid_k * BLOCK_K
+    rk = tl.arange(0, BLOCK_K)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = rn < COUT
+    KTOT = T * T * CIN
+    m_lo = split * M_SPLIT
+    m_hi = tl.minimum(M, m_lo + M_SPLIT)
+    acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        n, ih0, iw0, oh, ow = _rows(rm, MH, MW, phase // PHW, phase % PHW, IOFF, IS, OS, PIN)
+        row_ok = (rm < m_hi) & (oh < OH) & (ow < OW)
+        offs, ok, ci = _im2col(k0, rk, n * (IH * IW * CIN), ih0, iw0, row_ok, CIN, IH, IW, KTOT,
+                               T, TSTEP, ALIGNED)
+        a = _load_operand(x_ptr, x_ptr, offs, ok, ci, CIN, ps_ptr, pb_ptr, ps_ptr, ps_ptr, ps_ptr,
+                          pro_slope, PRO, PRO_AFFINE, PRO_ACT)
+        optr = ((n * (OH * OW) + oh * OW + ow) * COUT)[:, None] + rn[None, :]
+        dy = _load_operand(y_ptr, g_ptr, optr, row_ok[:, None] & col_ok[None, :], rn, COUT,
+                           qs_ptr, qb_ptr, qca_ptr, qcb_ptr, qcc_ptr, out_slope, 2, OUT_AFFINE, OUT_ACT)
+        acc = tl.dot(tl.trans(a.to(x_ptr.dtype.element_ty)), dy.to(x_ptr.dtype.element_ty), acc,
+                     input_precision=DOT_PREC)
+    kk = k0 + rk
+    tl.atomic_add(dw_ptr + (phase * KTOT + kk)[:, None] * COUT + rn[None, :], acc,
+                  mask=(kk < KTOT)[:, None] & col_ok[None, :], sem="relaxed")
+
+
+@triton.jit
+def gemv_kernel(x_ptr, w_ptr, y_ptr, a_ptr, ps_ptr, pb_ptr, NB, K, CIN, COUT, pro_slope, epi_slope,
+                PRO: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_ACT: tl.constexpr,
+                STORE_Y: tl.constexpr, STORE_A: tl.constexpr, EPI_ACT: tl.constexpr,
+                BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    # A conv whose kernel covers the whole input (D's last layer, 4x4 -> 1x1, Cout = 1) is a GEMV
+    # out[n, co] = sum_k x[n, k] W[k, co] with k = (h, w, ci) = the NHWC image. One program: BLOCK_B
+    # images x one output channel, K streamed in BLOCK_K chunks on CUDA cores (a 16-wide tensor-core
+    # tile would be 15/16 padding), fp32 FMAs, the producer's BN + activation applied on load.
+    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    co = tl.program_id(1)
+    b_ok = rb < NB
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        v = _load_operand(x_ptr, x_ptr, rb[:, None] * K + kk[None, :], b_ok[:, None] & k_ok[None, :],
+                          kk % CIN, CIN, ps_ptr, pb_ptr, ps_ptr, ps_ptr, ps_ptr, pro_slope,
+                          PRO, PRO_AFFINE, PRO_ACT)
+        w = tl.load(w_ptr + kk * COUT + co, mask=k_ok, other=0.0).to(tl.float32)
+        acc += v * w[None, :]
+    out = tl.sum(acc, 1)
+    if STORE_Y:
+        tl.store(y_ptr + rb * COUT + co, out.to(y_ptr.dtype.element_ty), mask=b_ok)
+    if STORE_A:
+        tl.store(a_ptr + rb * COUT + co, apply_act(out, EPI_ACT, epi_slope).to(a_ptr.dtype.element_ty),
+                 mask=b_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tile configurations and launching
+# ----------------------------------------------------------------------------------------------
+def _num_sms(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _pow2_clamp(v, lo, hi):
+    return max(lo, min(hi, triton.next_power_of_2(max(int(v), 1))))
+
+
+def _k_block(cin, widest):
+    """(BLOCK_K, ALIGNED): the widest power-of-two K block dividing Cin (one tap per K step), else
+    a flat K block (Cin = 3: 16, so D's first layer's K = 48 is 3 dense steps; nz = 100: 32)."""
+    for bk in (128, 64, 32, 16):
+        if bk <= widest and cin % bk == 0:
+            return bk, True
+    return (16 if cin < 32 else 32), False
+
+
+def gemm_tiles(m_rows, rows_per_image, cin, cout, dtype):
+    """(BLOCK_M, BLOCK_K, ALIGNED, [(BLOCK_N, num_warps, num_stages), ...]) for one GEMM.
+
+    H100: 4-byte tf32 operands take BLOCK_K = 32, bf16 64 (a 64-byte K row either way); 3 (tf32) /
+    4 (bf16) cp.async stages of a 128x32 / 128x64 A tile plus the B tile stay under ~110 KB of
+    shared memory. BLOCK_N follows Cout (16 for Cout = 3: tl.dot's minimum N). BLOCK_M = 128 when an
+    image has >= 64 GEMM rows (all but G's first and D's last two layers), else 64 so that even a
+    batch of 128 gives >= 2 row tiles per SM. Tiles depend on the layer shape only, never on the
+    batch, so one compiled kernel serves every batch size (compiles cost seconds each). Candidates
+    (autotuned only with FASTDCGAN_AUTOTUNE=1) vary BLOCK_N / warps / stages, never BLOCK_M,
+    because the BN partials are laid out per BLOCK_M tile. Under the interpreter (cost ~ programs x
+    ops; numpy does the rest): 32-row tiles for tiny test GEMMs (several tiles, masked edges), else
+    512-row tiles.
+    """
+    if INTERPRET:
+        if m_rows <= 1024:
+            return 32, 16, cin % 16 == 0, [(_pow2_clamp(cout, 16, 64), 4, 1)]
+        bk, aligned = _k_block(cin, 64)
+        return 512, bk, aligned, [(_pow2_clamp(cout, 16, 64), 4, 1)]
+    bk, aligned = _k_block(cin, 32 if dtype == torch.float32 else 64)
+    bm = 128 if rows_per_image >= 64 else 64
+    bn = _pow2_clamp(cout, 16, 128)
+    stages = 3 if dtype == torch.float32 else 4
+    cands = [(bn, 8 if bm * bn >= 128 * 128 else 4, stages)]
+    if bn == 128:
+        cands.append((64, 4, stages))
+    elif bm * bn >= 64 * 64:
+        cands.append((bn, 8 if cands[0][1] == 4 else 4, stages - 1))
+    return bm, bk, aligned, cands
+
+
+def wgrad_tiles(m_rows, cin, cout, dtype):
+    """(BLOCK_K, ALIGNED, BLOCK_N, [(BLOCK_M, num_warps, num_stages), ...]) for the weight gradient.
+
+    The output tile is BLOCK_K weight rows (th, tw, ci) x BLOCK_N output channels; the pixel
+    reduction streams BLOCK_M rows per step (64, or 32 as the tuning alternative). H100: 64 x 128
+    fp32 tiles with 3 stages of [64 x 64] + [64 x 128] fp32 operands = 144 KB shared memory
+    (bf16: 128 weight rows, 4 stages, ~130 KB)."""
+    if INTERPRET:
+        if m_rows <= 1024:
+            return 16, cin % 16 == 0, _pow2_clamp(cout, 16, 64), [(32, 4, 1)]
+        bk, aligned = _k_block(cin, 64)
+        return bk, aligned, _pow2_clamp(cout, 16, 64), [(512, 4, 1)]
+    bk, aligned = _k_block(cin, 64 if dtype == torch.float32 else 128)
+    bn = _pow2_clamp(cout, 16, 128)
+    stages = 3 if dtype == torch.float32 else 4
+    warps = 8 if bk * bn >= 64 * 128 else 4
+    return bk, aligned, bn, [(64, warps, stages), (32, 4, stages)]
+
+
+_TUNED = {}
+
+
+def _bench(fn, quantiles):
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+def launch(kernel, grid, args, consts, cands, key, reset=None):
+    """Launches `kernel` with the first candidate config, or autotunes the candidates (GPU)."""
+    configs = [triton.Config(dict(c), num_warps=w, num_stages=s) for c, w, s in cands]
+    if not AUTOTUNE or len(configs) == 1:
+        cfg = configs[0]
+        kernel[grid(cfg.kwargs)](*args, **consts, **cfg.kwargs,
+                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return
+    tkey = (kernel, tuple((tuple(sorted(c.items())), w, s) for c, w, s in cands))
+    tuned = _TUNED.get(tkey)
+    if tuned is None:
+        tuned = triton.autotune(configs=configs, key=key, reset_to_zero=reset, do_bench=_bench)(kernel)
+        _TUNED[tkey] = tuned
+    tuned[grid](*args, **consts)
+
+
+@dataclass
+class Xform:
+    """How a stored NHWC tensor becomes an operand: act(t*scale + shift) (scale None: act(t))."""
+    scale: object
+    shift: object
+    act: int
+    slope: float
+
+
+@dataclass
+class BwdOperand:
+    """dy = A*g*act'(y*scale + shift) + B*y + C per channel (scale None: dy = g*act'(y))."""
+    g: torch.Tensor
+    y: torch.Tensor
+    scale: object
+    shift: object
+    ca: object
+    cb: object
+    cc: object
+    act: int
+    slope: float
+
+
+def _dot_prec(dtype):
+    return fp32_precision() if dtype == torch.float32 else "tf32"
+
+
+def conv_gemm(x, wp, geom, cout, *, pro=None, bwd=None, store_y=True, epi=None, store_a=False,
+              stats=0, prod=None, out_dtype=None):
+    """Runs conv_gemm_kernel over all phases.
+
+    x: NHWC input [N, IH, IW, CIN] (with prologue `pro`: Xform) or, for the dgrad, `bwd`
+    (BwdOperand whose y/g are the input). Returns (y, a, partials): y the raw output (store_y),
+    a = act(y*epi.scale + epi.shift) (store_a), partials per `stats` (1: BN forward (mean_t, m2_t,
+    cnt); 2: BN backward sums of the producer `prod` = (y, scale, shift, mean, rstd, act, slope)).
+    """
+    src = bwd.y if bwd is not None else x
+    nb, ih, iw, cin = src.shape
+    dev, dtype = src.device, src.dtype
+    out_dtype = out_dtype or dtype
+    m = nb * geom.mh * geom.mw
+    bm, bk, aligned, cands = gemm_tiles(m * geom.phases, geom.mh * geom.mw * geom.phases, cin, cout,
+                                        dtype)
+    n_mt = triton.cdiv(m, bm)
+    shape = (nb, geom.oh, geom.ow, cout)
+    y = new_empty(shape, dev, out_dtype) if store_y else None
+    a = new_empty(shape, dev, out_dtype) if store_a else None
+    dummy = wp
+    st0 = st1 = cnt = dummy
+    partials = None
+    if stats:
+        rows = geom.phases * n_mt
+        st0 = new_empty((rows, cout), dev)
+        st1 = new_empty((rows, cout), dev)
+        if stats == 1:
+            cnt = new_empty((rows,), dev)
+            partials = (st0, st1, cnt)
+        else:
+            partials = (st0, st1)
+    if bwd is not None:
+        mode, p_aff, p_act, p_slope = 2, bwd.scale is not None, bwd.act, bwd.slope
+        xin, gin = bwd.y, bwd.g
+        pvec = (bwd.scale, bwd.shift, bwd.ca, bwd.cb, bwd.cc) if p_aff else (dummy,) * 5
+    elif pro is not None:
+        mode, p_aff, p_act, p_slope = 1, pro.scale is not None, pro.act, pro.slope
+        xin = gin = x
+        pvec = (pro.scale, pro.shift, dummy, dummy, dummy) if p_aff else (dummy,) * 5
+    else:
+        mode, p_aff, p_act, p_slope = 0, False, 0, 0.0
+        xin = gin = x
+        pvec = (dummy,) * 5
+    if stats == 2:
+        py, ps, pb, pm, pr, e_act, e_slope = prod
+        evec, e_aff = (ps, pb, pm, pr, py), True
+    else:
+        e_aff = epi is not None and epi.scale is not None
+        e_act = epi.act if epi is not None else 0
+        e_slope = epi.slope if epi is not None else 0.0
+        evec = (epi.scale, epi.shift, dummy, dummy, dummy) if e_aff else (dummy,) * 5
+    args = (xin, gin, wp, y if store_y else dummy, a if store_a else dummy, *pvec, *evec,
+            st0, st1, cnt, m, cin, cout, ih, iw, geom.oh, geom.ow, geom.mh, geom.mw, geom.ioff,
+            float(p_slope), float(e_slope))
+    consts = dict(PRO=mode, PRO_AFFINE=p_aff, PRO_ACT=p_act, STORE_Y=store_y, STORE_A=store_a,
+                  EPI_AFFINE=e_aff, EPI_ACT=e_act, STATS=stats, PHW=geom.phw, T=geom.t,
+                  IS=geom.in_s, OS=geom.out_s, PIN=geom.pin, TSTEP=geom.tstep, ALIGNED=aligned,
+                  DOT_PREC=_dot_prec(dtype), BLOCK_M=bm, BLOCK_K=bk)
+    tiles = [({"BLOCK_N": bn}, w, s) for bn, w, s in cands]
+    grid = lambda meta: (triton.cdiv(cout, meta["BLOCK_N"]), n_mt, geom.phases)  # noqa: E731
+    launch(conv_gemm_kernel, grid, args, consts, tiles,
+           key=["M", "CIN", "COUT", "PRO", "STATS", "PHW", "T"])
+    return y, a, partials
+
+
+def conv_wgrad(x, pro, bwd, geom):
+    """fp32 dWp [phases*T*T*CIN, COUT] = sum over pixels of im2col(pro(x))^T @ dy(bwd)."""
+    nb, ih, iw, cin = x.shape
+    cout = bwd.y.shape[-1]
+    dev, dtype = x.device, x.dtype
+    m = nb * geom.mh * geom.mw
+    ktot = geom.t * geom.t * cin
+    bk, aligned, bn, cands = wgrad_tiles(m * geom.phases, cin, cout, dtype)
+    tiles_kn = triton.cdiv(ktot, bk) * triton.cdiv(cout, bn) * geom.phases
+    # split the pixel reduction so that the grid has ~2 programs per SM, >= 256 rows per slice
+    # (interpreter: 2 slices whenever possible, to exercise the split and the atomics)
+    split = 2 if INTERPRET else triton.cdiv(2 * _num_sms(dev), tiles_kn)
+    split = max(1, min(split, triton.cdiv(m, 256)))
+    m_split = triton.cdiv(triton.cdiv(m, split), 128) * 128
+    split = triton.cdiv(m, m_split)
+    dw = torch.zeros(geom.phases * ktot, cout, device=dev, dtype=torch.float32)
+    p_aff = pro is not None and pro.scale is not None
+    pvec = (pro.scale, pro.shift) if p_aff else (dw, dw)
+    q_aff = bwd.scale is not None
+    qvec = (bwd.scale, bwd.shift, bwd.ca, bwd.cb, bwd.cc) if q_aff else (dw,) * 5
+    args = (x, bwd.g, bwd.y, dw, *pvec, *qvec, m, cin, cout, ih, iw, geom.oh, geom.ow, geom.mh,
+            geom.mw, geom.ioff, split, m_split, float(pro.slope if pro else 0.0), float(bwd.slope))
+    consts = dict(PRO=1 if pro is not None else 0, PRO_AFFINE=p_aff, PRO_ACT=pro.act if pro else 0,
+                  OUT_AFFINE=q_aff, OUT_ACT=bwd.act, PHW=geom.phw, T=geom.t, IS=geom.in_s,
+                  OS=geom.out_s, PIN=geom.pin, TSTEP=geom.tstep, ALIGNED=aligned,
+                  DOT_PREC=_dot_prec(dtype), BLOCK_N=bn, BLOCK_K=bk)
+    tiles = [({"BLOCK_M": bm}, w, s) for bm, w, s in cands]
+    grid = (triton.cdiv(ktot, bk), triton.cdiv(cout, bn), geom.phases * split)
+    launch(conv_wgrad_kernel, lambda meta: grid, args, consts, tiles,
+           key=["M", "CIN", "COUT", "PRO", "PHW", "T"], reset=["dw_ptr"])
+    return dw
+
+
+# GEMV: 16 images x 256-wide K chunks per program: [16, 256] fp32 partials = 32 registers per
+# thread at 4 warps, and B/16 x Cout programs (8 at B = 128) each stream 16 rows of K = 8192.
+GEMV_BLOCK_B, GEMV_BLOCK_K = 16, 256
+
+
+def gemv(x, wp, cout, *, pro=None, epi=None, store_y=True, store_a=False, out_dtype=None):
+    """out[n, 0, 0, co] for a conv whose 4x4 kernel covers the whole (4x4) input, no BN."""
+    nb, ih, iw, cin = x.shape
+    k = ih * iw * cin
+    out_dtype = out_dtype or x.dtype
+    shape = (nb, 1, 1, cout)
+    y = new_empty(shape, x.device, out_dtype) if store_y else None
+    a = new_empty(shape, x.device, out_dtype) if store_a else None
+    p_aff = pro is not None and pro.scale is not None
+    pvec = (pro.scale, pro.shift) if p_aff else (wp, wp)
+    gemv_kernel[(triton.cdiv(nb, GEMV_BLOCK_B), cout)](
+        x, wp, y if store_y else wp, a if store_a else wp, *pvec, nb, k, cin, cout,
+        float(pro.slope if pro else 0.0), float(epi.slope if epi else 0.0),
+        PRO=1 if pro is not None else 0, PRO_AFFINE=p_aff, PRO_ACT=pro.act if pro else 0,
+        STORE_Y=store_y, STORE_A=store_a, EPI_ACT=epi.act if epi else 0,
+        BLOCK_B=GEMV_BLOCK_B, BLOCK_K=GEMV_BLOCK_K)
+    return y, a

@@ -1,0 +1,102 @@
+"""A whole chain of blocks (a DCGAN Generator or Discriminator) as ONE autograd Function.
+
+Forward: each block's GEMM reads the previous block's raw conv output y through its prologue
+(act(y*scale + shift) with the producer's BN vectors), so normalized activations are never
+written; per block one GEMM (+ BN finalize). Only the last block's activation is materialized.
+
+Backward, from the last block down: BN coefficients -> weight gradient (split-K) -> data gradient
+whose epilogue also reduces the producer's BN backward sums (sum dz, sum dz*xhat with
+dz = g*act'(z) recomputed from the producer's saved y), so each block's backward is two GEMMs and
+two tiny finalize kernels, with no separate elementwise pass.
+"""
+import torch
+
+from .block import BlockOut, block_backward, block_forward
+from .implicit_gemm import Xform
+
+_PER_BLOCK = 5   # weight, gamma, beta, running_mean, running_var
+
+
+class NetworkFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, specs, *tensors):
+        cur, pro = x.permute(0, 2, 3, 1).contiguous(), None
+        xh = cur
+        outs = []
+        for i, spec in enumerate(specs):
+            w, gamma, beta, rm, rv = tensors[_PER_BLOCK * i:_PER_BLOCK * (i + 1)]
+            out = block_forward(cur, pro, w, gamma, beta, rm, rv, spec, keep_y=True,
+                                materialize=i == len(specs) - 1)
+            outs.append(out)
+            cur, pro = out.y, out.xform
+        ctx.specs = specs
+        ctx.geoms = [o.geom for o in outs]
+        saved = [xh]
+        for i, o in enumerate(outs):
+            saved += [tensors[_PER_BLOCK * i], tensors[_PER_BLOCK * i + 1], o.y, o.mean, o.rstd,
+                      o.xform.scale, o.xform.shift]
+        ctx.save_for_backward(*saved)
+        return outs[-1].a.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        xh, specs = saved[0], ctx.specs
+        blocks = []
+        for i, spec in enumerate(specs):
+            w, gamma, y, mean, rstd, scale, shift = saved[1 + 7 * i:8 + 7 * i]
+            out = BlockOut(y, None, Xform(scale, shift, spec.act, spec.slope), mean, rstd, ctx.geoms[i])
+            blocks.append((w, gamma, out))
+        need = ctx.needs_input_grad
+        # grads: x, specs, then (weight, gamma, beta, rm, rv) per block
+        grads = [None] * (2 + _PER_BLOCK * len(specs))
+        # a block's dgrad is needed when anything below it wants a gradient
+        below = [need[0]]
+        for i in range(1, len(specs)):
+            base = 2 + _PER_BLOCK * (i - 1)
+            below.append(below[-1] or any(need[base:base + 3]))
+        g = grad.permute(0, 2, 3, 1).contiguous().to(blocks[-1][2].y.dtype)
+        partials = None
+        for i in reversed(range(len(specs))):
+            w, gamma, out = blocks[i]
+            spec = specs[i]
+            if i == 0:
+                x, pro, prod = xh, None, None
+            else:
+                pw, pgamma, pout = blocks[i - 1]
+                pspec = specs[i - 1]
+                x, pro = pout.y, pout.xform
+                prod = None
+                if pspec.bn:
+                    prod = (pout.y, pout.xform.scale, pout.xform.shift, pout.mean, pout.rstd,
+                            pspec.act, pspec.slope)
+            base = 2 + _PER_BLOCK * i
+            dx, dw, dgamma, dbeta, prev_partials = block_backward(
+                g, x, pro, w, gamma, out, spec, need_dx=below[i], need_dw=need[base],
+                partials=partials, prod=prod)
+            grads[base] = dw
+            if spec.bn:
+                grads[base + 1] = dgamma.to(gamma.dtype) if need[base + 1] else None
+                grads[base + 2] = dbeta.to(gamma.dtype) if need[base + 2] else None
+            g, partials = dx, prev_partials
+            if not below[i]:
+                break
+        if need[0]:
+            grads[0] = g.permute(0, 3, 1, 2)
+        return tuple(grads)
+
+
+def run_network(x, specs, tensors):
+    """Runs the chain; tensors = (weight, gamma, beta, running_mean, running_var) per block."""
+    needs = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, *tensors))
+    if needs:
+        return NetworkFunction.apply(x, tuple(specs), *tensors)
+    with torch.no_grad():
+        cur, pro = x.permute(0, 2, 3, 1).contiguous(), None
+        for i, spec in enumerate(specs):
+            w, gamma, beta, rm, rv = tensors[_PER_BLOCK * i:_PER_BLOCK * (i + 1)]
+            out = block_forward(cur, pro, w, gamma, beta, rm, rv, spec, keep_y=False,
+                                materialize=i == len(specs) - 1)
+            cur, pro = (out.y, out.xform) if out.a is None else (out.a, None)
+        return cur.permute(0, 3, 1, 2)

@@ -1,0 +1,202 @@
+"""fastdcgan.ops.conv_bn_act against nn.Conv2d + nn.BatchNorm2d + activation in float64.
+
+CPU (Triton interpreter, fp32, exact dot): tiny shapes covering every kernel path (aligned and
+flat K, BN train/eval, no BN, GEMV, odd sizes, masked tiles). CUDA: full DCGAN Discriminator
+layer shapes in fp32 (TF32 and ieee) and bf16.
+"""
+import pytest
+import torch
+from torch import nn
+
+from fastdcgan import ops
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+ACTS = {"relu": lambda s: nn.ReLU(), "leaky_relu": lambda s: nn.LeakyReLU(s), "tanh": lambda s: nn.Tanh(),
+        "sigmoid": lambda s: nn.Sigmoid(), "none": lambda s: nn.Identity()}
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setenv("FASTDCGAN_POISON", "1")   # NaN-fill kernel outputs before they run
+
+
+def rel_err(out, ref):
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert not torch.isnan(out).any(), "NaN in the result"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make_case(b, cin, cout, hw, stride, pad, bn, act, slope=0.2, dtype=torch.float32, device=DEV):
+    """Fresh random float64 reference module and fp32/bf16 op inputs with the same values."""
+    conv = nn.Conv2d(cin, cout, 4, stride, pad, bias=False).double()
+    nn.init.normal_(conv.weight, 0.0, 0.1)
+    mods = [conv]
+    if bn:
+        norm = nn.BatchNorm2d(cout).double()
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_(0.0, 0.2)
+            norm.running_mean.normal_(0.0, 0.3)
+            norm.running_var.uniform_(0.5, 2.0)
+        mods.append(norm)
+    mods.append(ACTS[act](slope))
+    ref = nn.Sequential(*mods).to(device)
+    x = torch.randn(b, cin, hw, hw, device=device, dtype=torch.float64)
+    # the op's inputs: rounded to the compute dtype; the reference sees the same rounded values
+    x = x.to(dtype).double()
+    with torch.no_grad():
+        conv.weight.copy_(conv.weight.to(dtype).double())
+    return ref, x
+
+
+def op_params(ref, dtype):
+    conv = ref[0]
+    w = conv.weight.detach().to(dtype).clone().requires_grad_()
+    if isinstance(ref[1], nn.BatchNorm2d):
+        norm = ref[1]
+        g = norm.weight.detach().float().clone().requires_grad_()
+        b = norm.bias.detach().float().clone().requires_grad_()
+        return w, g, b, norm.running_mean.float().clone(), norm.running_var.float().clone()
+    return w, None, None, None, None
+
+
+def check(ref, x, dtype, stride, pad, act, training, tol, slope=0.2):
+    ref.train(training)
+    w, g, b, rm, rv = op_params(ref, dtype)
+    xo = x.to(dtype).clone().requires_grad_()
+    out = ops.conv_bn_act(xo, w, g, b, rm, rv, stride=stride, padding=pad, training=training,
+                          activation=act, negative_slope=slope)
+    xr = x.clone().requires_grad_()
+    expect = ref(xr)
+    assert out.shape == expect.shape and out.dtype == dtype
+    assert rel_err(out, expect) < tol
+    if g is not None:
+        norm = ref[1]
+        assert rel_err(rm, norm.running_mean) < tol
+        assert rel_err(rv, norm.running_var) < tol
+    grad = torch.randn_like(expect)
+    params = [xo, w] + ([g, b] if g is not None else [])
+    rparams = [xr, ref[0].weight] + ([ref[1].weight, ref[1].bias] if g is not None else [])
+    got = torch.autograd.grad(out, params, grad.to(dtype))
+    want = torch.autograd.grad(expect, rparams, grad)
+    for name, a, e in zip(["x", "weight", "gamma", "beta"], got, want):
+        assert a.dtype == (dtype if name in ("x", "weight") else torch.float32)
+        assert rel_err(a, e) < tol, name
+
+
+# (batch, cin, cout, hw, stride, padding, bn, activation)
+CPU_CASES = [
+    (3, 8, 16, 8, 2, 1, True, "leaky_relu"),    # flat K (Cin 8), BN
+    (2, 16, 12, 16, 2, 1, True, "relu"),        # aligned K, Cout not a power of two, 512 rows
+    (3, 3, 8, 8, 2, 1, False, "leaky_relu"),    # D's first layer: Cin 3, no BN
+    (3, 12, 8, 7, 2, 1, True, "tanh"),          # odd input 7x7 -> 3x3 (dgrad output masked)
+    (2, 8, 16, 5, 1, 0, True, "none"),          # stride 1: 5x5 -> 2x2 (flipped-kernel dgrad)
+    (3, 16, 1, 4, 1, 0, False, "sigmoid"),      # D's last layer: GEMV, 4x4 -> 1x1
+    (6, 12, 8, 4, 1, 0, True, "leaky_relu"),    # 4x4 -> 1x1 with BN: GEMM + 16-phase dgrad
+]
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "b{}_{}to{}_{}x{}_s{}p{}_{}_{}".format(
+    c[0], c[1], c[2], c[3], c[3], c[4], c[5], "bn" if c[6] else "nobn", c[7]))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_small(case, training, monkeypatch):
+    monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
+    b, cin, cout, hw, stride, pad, bn, act = case
+    if not bn and not training:
+        pytest.skip("no BatchNorm: eval is the same as train")
+    ref, x = make_case(b, cin, cout, hw, stride, pad, bn, act)
+    check(ref, x, torch.float32, stride, pad, act, training, tol=2e-5)
+
+
+def test_leaky_slope_and_channels_last_input(monkeypatch):
+    monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
+    ref, x = make_case(2, 8, 8, 8, 2, 1, True, "leaky_relu", slope=0.05)
+    check(ref, x.contiguous(memory_format=torch.channels_last), torch.float32, 2, 1, "leaky_relu",
+          True, tol=2e-5, slope=0.05)
+
+
+def test_no_grad_matches():
+    ref, x = make_case(2, 8, 16, 8, 2, 1, True, "leaky_relu")
+    w, g, b, rm, rv = op_params(ref, torch.float32)
+    with torch.no_grad():
+        out = ops.conv_bn_act(x.float(), w, g, b, rm, rv)
+        expect = ref(x)
+    assert rel_err(out, expect) < 1e-3   # TF32 allowed on GPU
+
+
+def _args(cin=8, cout=16):
+    return dict(x=torch.randn(2, cin, 8, 8, device=DEV), weight=torch.randn(cout, cin, 4, 4, device=DEV),
+                gamma=torch.ones(cout, device=DEV), beta=torch.zeros(cout, device=DEV),
+                running_mean=torch.zeros(cout, device=DEV), running_var=torch.ones(cout, device=DEV))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(x=torch.randn(2, 8, 8)), "4-D"),
+    (dict(x=torch.randn(2, 8, 8, 8, dtype=torch.float64)), "dtype"),
+    (dict(x=torch.randint(0, 3, (2, 8, 8, 8))), "dtype"),
+    (dict(x=torch.randn(2, 5, 8, 8)), "channels"),
+    (dict(weight=torch.randn(16, 8, 3, 3)), "kernel size 4"),
+    (dict(weight=torch.randn(16, 8, 4)), "4-D"),
+    (dict(gamma=torch.ones(15)), "gamma"),
+    (dict(running_var=None), "running_var"),
+    (dict(stride=3), "stride"),
+    (dict(stride=1, padding=1), "stride"),
+    (dict(activation="gelu"), "activation"),
+    (dict(x=torch.randn(2, 8, 1, 1)), "too small"),
+    (dict(x=torch.randn(1, 8, 4, 4), stride=1, padding=0), "more than 1 value"),
+    (dict(gamma=None), "gamma=None"),
+])
+def test_validation(change, match):
+    kw = _args()
+    kw.update({k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in change.items()})
+    x, w = kw.pop("x"), kw.pop("weight")
+    tensors = [kw.pop(k) for k in ("gamma", "beta", "running_mean", "running_var")]
+    with pytest.raises(ValueError, match=match):
+        ops.conv_bn_act(x, w, *tensors, **kw)
+
+
+def test_validation_eval_needs_running_stats():
+    kw = _args()
+    with pytest.raises(ValueError, match="running_mean"):
+        ops.conv_bn_act(kw["x"], kw["weight"], kw["gamma"], kw["beta"], None, None, training=False)
+
+
+@needs_cuda
+def test_device_mismatch():
+    kw = _args()
+    with pytest.raises(ValueError, match="cpu"):
+        ops.conv_bn_act(kw["x"], kw["weight"].cpu(), kw["gamma"], kw["beta"], kw["running_mean"],
+                        kw["running_var"])
+
+
+# Discriminator layers at full DCGAN width (ndf=64) on the GPU
+GPU_LAYERS = [
+    (3, 64, 64, 2, 1, False, "leaky_relu"),
+    (64, 128, 32, 2, 1, True, "leaky_relu"),
+    (128, 256, 16, 2, 1, True, "leaky_relu"),
+    (256, 512, 8, 2, 1, True, "leaky_relu"),
+    (512, 1, 4, 1, 0, False, "sigmoid"),
+]
+GPU_TOL = {"tf32": 5e-3, "ieee": 5e-5, "bf16": 3e-2}
+# Each distinct kernel specialization is a compile of a few seconds on the GPU host, so the matrix
+# is: every layer trained in tf32 and bf16 (the kernels benches/layer_table.py also uses; batch 32
+# keeps the same integer specializations as B = 128/512), eval for the BN layers, exact fp32 (ieee)
+# for one layer.
+GPU_CASES = [(layer, mode, True) for layer in GPU_LAYERS for mode in ("tf32", "bf16")]
+GPU_CASES += [(layer, mode, False) for layer in GPU_LAYERS if layer[5] for mode in ("tf32", "bf16")]
+GPU_CASES += [(GPU_LAYERS[2], "ieee", True)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("layer, mode, training", GPU_CASES, ids=lambda v: (
+    f"{v[0]}to{v[1]}_{v[2]}x{v[2]}" if isinstance(v, tuple) else
+    v if isinstance(v, str) else ("train" if v else "eval")))
+def test_dcgan_layers_gpu(layer, mode, training, monkeypatch):
+    cin, cout, hw, stride, pad, bn, act = layer
+    monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee" if mode == "ieee" else "tf32")
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    ref, x = make_case(32, cin, cout, hw, stride, pad, bn, act, dtype=dtype)
+    check(ref, x, dtype, stride, pad, act, training, tol=GPU_TOL[mode])

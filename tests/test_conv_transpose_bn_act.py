@@ -1,0 +1,166 @@
+"""fastdcgan.ops.conv_transpose_bn_act against nn.ConvTranspose2d + nn.BatchNorm2d + activation
+in float64.
+
+CPU (Triton interpreter, fp32, exact dot): tiny shapes covering the 4-phase stride-2 GEMMs, the
+16-phase 1x1 -> 4x4 first layer, the flipped-kernel stride-1 path, Cout = 3, odd sizes, BN
+train/eval. CUDA: full DCGAN Generator layer shapes in fp32 (TF32 and ieee) and bf16.
+"""
+import pytest
+import torch
+from torch import nn
+
+from fastdcgan import ops
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+ACTS = {"relu": lambda s: nn.ReLU(), "leaky_relu": lambda s: nn.LeakyReLU(s), "tanh": lambda s: nn.Tanh(),
+        "sigmoid": lambda s: nn.Sigmoid(), "none": lambda s: nn.Identity()}
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setenv("FASTDCGAN_POISON", "1")   # NaN-fill kernel outputs before they run
+
+
+def rel_err(out, ref):
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert not torch.isnan(out).any(), "NaN in the result"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make_case(b, cin, cout, hw, stride, pad, bn, act, dtype=torch.float32, device=DEV):
+    conv = nn.ConvTranspose2d(cin, cout, 4, stride, pad, bias=False).double()
+    nn.init.normal_(conv.weight, 0.0, 0.1)
+    mods = [conv]
+    if bn:
+        norm = nn.BatchNorm2d(cout).double()
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_(0.0, 0.2)
+            norm.running_mean.normal_(0.0, 0.3)
+            norm.running_var.uniform_(0.5, 2.0)
+        mods.append(norm)
+    mods.append(ACTS[act](0.2))
+    ref = nn.Sequential(*mods).to(device)
+    x = torch.randn(b, cin, hw, hw, device=device, dtype=torch.float64).to(dtype).double()
+    with torch.no_grad():
+        conv.weight.copy_(conv.weight.to(dtype).double())
+    return ref, x
+
+
+def check(ref, x, dtype, stride, pad, act, training, tol):
+    ref.train(training)
+    w = ref[0].weight.detach().to(dtype).clone().requires_grad_()
+    bn = isinstance(ref[1], nn.BatchNorm2d)
+    if bn:
+        norm = ref[1]
+        g = norm.weight.detach().float().clone().requires_grad_()
+        b = norm.bias.detach().float().clone().requires_grad_()
+        rm, rv = norm.running_mean.float().clone(), norm.running_var.float().clone()
+    else:
+        g = b = rm = rv = None
+    xo = x.to(dtype).clone().requires_grad_()
+    out = ops.conv_transpose_bn_act(xo, w, g, b, rm, rv, stride=stride, padding=pad,
+                                    training=training, activation=act)
+    xr = x.clone().requires_grad_()
+    expect = ref(xr)
+    assert out.shape == expect.shape and out.dtype == dtype
+    assert rel_err(out, expect) < tol
+    if bn:
+        assert rel_err(rm, ref[1].running_mean) < tol
+        assert rel_err(rv, ref[1].running_var) < tol
+    grad = torch.randn_like(expect)
+    params = [xo, w] + ([g, b] if bn else [])
+    rparams = [xr, ref[0].weight] + ([ref[1].weight, ref[1].bias] if bn else [])
+    got = torch.autograd.grad(out, params, grad.to(dtype))
+    want = torch.autograd.grad(expect, rparams, grad)
+    for name, a, e in zip(["x", "weight", "gamma", "beta"], got, want):
+        assert rel_err(a, e) < tol, name
+
+
+# (batch, cin, cout, hw, stride, padding, bn, activation)
+CPU_CASES = [
+    (3, 16, 8, 4, 2, 1, True, "relu"),          # aligned K, 4 phases
+    (2, 12, 8, 8, 2, 1, True, "relu"),          # flat K
+    (3, 12, 16, 1, 1, 0, True, "relu"),         # G's first layer: 1x1 -> 4x4, 16 phase GEMMs
+    (2, 8, 3, 8, 2, 1, False, "tanh"),          # G's last layer: Cout 3, no BN
+    (2, 8, 12, 3, 2, 1, True, "leaky_relu"),    # odd input 3x3 -> 6x6
+    (2, 8, 8, 2, 1, 0, True, "sigmoid"),        # stride 1 from 2x2 -> 5x5 (flipped kernel)
+    (2, 16, 8, 16, 2, 1, True, "none"),         # 2048 rows: the interpreter's large tiles
+]
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "b{}_{}to{}_{}x{}_s{}p{}_{}_{}".format(
+    c[0], c[1], c[2], c[3], c[3], c[4], c[5], "bn" if c[6] else "nobn", c[7]))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_small(case, training, monkeypatch):
+    monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
+    b, cin, cout, hw, stride, pad, bn, act = case
+    if not bn and not training:
+        pytest.skip("no BatchNorm: eval is the same as train")
+    ref, x = make_case(b, cin, cout, hw, stride, pad, bn, act)
+    check(ref, x, torch.float32, stride, pad, act, training, tol=2e-5)
+
+
+def test_returns_channels_last_and_chains():
+    """Output is channels_last (free NHWC view); feeding it to the next op needs no copy."""
+    x = torch.randn(2, 8, 4, 4, device=DEV)
+    w1, w2 = torch.randn(8, 12, 4, 4, device=DEV) * 0.1, torch.randn(12, 4, 4, 4, device=DEV) * 0.1
+    g, b = torch.ones(12, device=DEV), torch.zeros(12, device=DEV)
+    with torch.no_grad():
+        h = ops.conv_transpose_bn_act(x, w1, g, b, None, None)
+        assert h.is_contiguous(memory_format=torch.channels_last)
+        y = ops.conv_transpose_bn_act(h, w2, None, None, None, None, activation="tanh")
+        hr = torch.relu(torch.nn.functional.batch_norm(
+            torch.nn.functional.conv_transpose2d(x, w1, stride=2, padding=1), None, None, g, b, True))
+        yr = torch.tanh(torch.nn.functional.conv_transpose2d(hr, w2, stride=2, padding=1))
+    assert y.shape == (2, 4, 16, 16)
+    assert rel_err(y, yr) < 1e-3
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(weight=torch.randn(16, 8, 4, 4)), "channels"),     # ConvT layout is (Cin, Cout, 4, 4)
+    (dict(stride=2, padding=0), "stride"),
+    (dict(beta=torch.zeros(8), gamma=None), "gamma=None"),
+])
+def test_validation(change, match):
+    kw = dict(x=torch.randn(2, 8, 4, 4), weight=torch.randn(8, 16, 4, 4), gamma=torch.ones(16),
+              beta=torch.zeros(16), running_mean=None, running_var=None)
+    kw.update(change)
+    kw = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    x, w = kw.pop("x"), kw.pop("weight")
+    tensors = [kw.pop(k) for k in ("gamma", "beta", "running_mean", "running_var")]
+    with pytest.raises(ValueError, match=match):
+        ops.conv_transpose_bn_act(x, w, *tensors, **kw)
+
+
+# Generator layers at full DCGAN width (nz=100, ngf=64) on the GPU
+GPU_LAYERS = [
+    (100, 512, 1, 1, 0, True, "relu"),
+    (512, 256, 4, 2, 1, True, "relu"),
+    (256, 128, 8, 2, 1, True, "relu"),
+    (128, 64, 16, 2, 1, True, "relu"),
+    (64, 3, 32, 2, 1, False, "tanh"),
+]
+GPU_TOL = {"tf32": 5e-3, "ieee": 5e-5, "bf16": 3e-2}
+# Each distinct kernel specialization is a compile of a few seconds on the GPU host, so the matrix
+# is: every layer trained in tf32 and bf16 (the kernels benches/layer_table.py also uses; batch 32
+# keeps the same integer specializations as B = 128/512), eval for the BN layers, exact fp32 (ieee)
+# for one layer.
+GPU_CASES = [(layer, mode, True) for layer in GPU_LAYERS for mode in ("tf32", "bf16")]
+GPU_CASES += [(layer, mode, False) for layer in GPU_LAYERS if layer[5] for mode in ("tf32", "bf16")]
+GPU_CASES += [(GPU_LAYERS[2], "ieee", True)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("layer, mode, training", GPU_CASES, ids=lambda v: (
+    f"{v[0]}to{v[1]}_{v[2]}x{v[2]}" if isinstance(v, tuple) else
+    v if isinstance(v, str) else ("train" if v else "eval")))
+def test_dcgan_layers_gpu(layer, mode, training, monkeypatch):
+    cin, cout, hw, stride, pad, bn, act = layer
+    monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee" if mode == "ieee" else "tf32")
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    ref, x = make_case(32, cin, cout, hw, stride, pad, bn, act, dtype=dtype)
+    check(ref, x, dtype, stride, pad, act, training, tol=GPU_TOL[mode])
