@@ -16,6 +16,7 @@ this block's raw y, and per-channel mean/rstd/scale/shift only.
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .bn import bn_apply, bn_bwd_finalize, bn_bwd_reduce, bn_finalize
 from .implicit_gemm import (BwdOperand, Xform, conv_gemm, conv_out_size, conv_wgrad, gemv,
@@ -136,6 +137,7 @@ class BlockFunction(torch.autograd.Function):
         return out.a.permute(0, 3, 1, 2)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         xh, weight, gamma, y, mean, rstd, scale, shift = ctx.saved_tensors
         spec = ctx.spec

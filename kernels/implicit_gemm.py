@@ -177,15 +177,19 @@ def _im2col(k0, rk, xrow, ih0, iw0, row_ok, CIN, IH, IW, KTOT,
 @triton.jit
 def _load_operand(x_ptr, g_ptr, offs, ok, ch, C, s_ptr, b_ptr, ca_ptr, cb_ptr, cc_ptr, slope,
                   MODE: tl.constexpr, AFFINE: tl.constexpr, ACT: tl.constexpr):
-    # Loads a GEMM operand tile (fp32) applying the prologue MODE; ch = channel of each column.
-    v = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    # Loads a GEMM operand tile applying the prologue MODE; ch = channel of each column. MODE 0
+    # returns the tile in storage dtype (the load feeds tl.dot directly: cp.async-pipelined);
+    # the prologues compute in fp32.
+    v = tl.load(x_ptr + offs, mask=ok, other=0.0)
     if MODE == 1:
+        v = v.to(tl.float32)
         if AFFINE:
             cm = ch < C
             v = v * tl.load(s_ptr + ch, mask=cm, other=0.0)[None, :] \
                 + tl.load(b_ptr + ch, mask=cm, other=0.0)[None, :]
         v = tl.where(ok, apply_act(v, ACT, slope), 0.0)
     elif MODE == 2:
+        v = v.to(tl.float32)
         g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         if AFFINE:
             cm = ch < C
@@ -404,9 +408,10 @@ def wgrad_tiles(m_rows, cin, cout, dtype):
     """(BLOCK_K, ALIGNED, BLOCK_N, [(BLOCK_M, num_warps, num_stages), ...]) for the weight gradient.
 
     The output tile is BLOCK_K weight rows (th, tw, ci) x BLOCK_N output channels; the pixel
-    reduction streams BLOCK_M rows per step (64, or 32 as the tuning alternative). H100: 64 x 128
-    fp32 tiles with 3 stages of [64 x 64] + [64 x 128] fp32 operands = 144 KB shared memory
-    (bf16: 128 weight rows, 4 stages, ~130 KB)."""
+    reduction streams BLOCK_M rows per step (64, or 32 as the tuning alternative). H100: the fp32
+    64 x 128 tile with [64 x 64] + [64 x 128] operands needs ~70 KB of shared memory per stage
+    (operands plus the transposed copy), so 2 stages (3 measured 213 KB: one CTA per SM);
+    bf16 tiles take 128 weight rows and 4 stages."""
     if INTERPRET:
         if m_rows <= 1024:
             return 16, cin % 16 == 0, _pow2_clamp(cout, 16, 64), [(32, 4, 1)]
@@ -414,7 +419,7 @@ def wgrad_tiles(m_rows, cin, cout, dtype):
         return bk, aligned, _pow2_clamp(cout, 16, 64), [(512, 4, 1)]
     bk, aligned = _k_block(cin, 64 if dtype == torch.float32 else 128)
     bn = _pow2_clamp(cout, 16, 128)
-    stages = 3 if dtype == torch.float32 else 4
+    stages = 2 if dtype == torch.float32 else 4
     warps = 8 if bk * bn >= 64 * 128 else 4
     return bk, aligned, bn, [(64, warps, stages), (32, 4, stages)]
 
@@ -470,7 +475,7 @@ def _dot_prec(dtype):
 
 
 def conv_gemm(x, wp, geom, cout, *, pro=None, bwd=None, store_y=True, epi=None, store_a=False,
-              stats=0, prod=None, out_dtype=None):
+              stats=0, prod=None):
     """Runs conv_gemm_kernel over all phases.
 
     x: NHWC input [N, IH, IW, CIN] (with prologue `pro`: Xform) or, for the dgrad, `bwd`
@@ -481,14 +486,13 @@ def conv_gemm(x, wp, geom, cout, *, pro=None, bwd=None, store_y=True, epi=None, 
     src = bwd.y if bwd is not None else x
     nb, ih, iw, cin = src.shape
     dev, dtype = src.device, src.dtype
-    out_dtype = out_dtype or dtype
     m = nb * geom.mh * geom.mw
     bm, bk, aligned, cands = gemm_tiles(m * geom.phases, geom.mh * geom.mw * geom.phases, cin, cout,
                                         dtype)
     n_mt = triton.cdiv(m, bm)
     shape = (nb, geom.oh, geom.ow, cout)
-    y = new_empty(shape, dev, out_dtype) if store_y else None
-    a = new_empty(shape, dev, out_dtype) if store_a else None
+    y = new_empty(shape, dev, dtype) if store_y else None
+    a = new_empty(shape, dev, dtype) if store_a else None
     dummy = wp
     st0 = st1 = cnt = dummy
     partials = None
@@ -573,14 +577,13 @@ def conv_wgrad(x, pro, bwd, geom):
 GEMV_BLOCK_B, GEMV_BLOCK_K = 16, 256
 
 
-def gemv(x, wp, cout, *, pro=None, epi=None, store_y=True, store_a=False, out_dtype=None):
+def gemv(x, wp, cout, *, pro=None, epi=None, store_y=True, store_a=False):
     """out[n, 0, 0, co] for a conv whose 4x4 kernel covers the whole (4x4) input, no BN."""
     nb, ih, iw, cin = x.shape
     k = ih * iw * cin
-    out_dtype = out_dtype or x.dtype
     shape = (nb, 1, 1, cout)
-    y = new_empty(shape, x.device, out_dtype) if store_y else None
-    a = new_empty(shape, x.device, out_dtype) if store_a else None
+    y = new_empty(shape, x.device, x.dtype) if store_y else None
+    a = new_empty(shape, x.device, x.dtype) if store_a else None
     p_aff = pro is not None and pro.scale is not None
     pvec = (pro.scale, pro.shift) if p_aff else (wp, wp)
     gemv_kernel[(triton.cdiv(nb, GEMV_BLOCK_B), cout)](

@@ -10,6 +10,7 @@ dz = g*act'(z) recomputed from the producer's saved y), so each block's backward
 two tiny finalize kernels, with no separate elementwise pass.
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 from .block import BlockOut, block_backward, block_forward
 from .implicit_gemm import Xform
@@ -39,6 +40,7 @@ class NetworkFunction(torch.autograd.Function):
         return outs[-1].a.permute(0, 3, 1, 2)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         saved = ctx.saved_tensors
         xh, specs = saved[0], ctx.specs

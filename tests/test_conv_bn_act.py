@@ -13,6 +13,9 @@ from fastdcgan import ops
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+# tiny-shape tests run under the interpreter only: on a GPU every new shape class is a kernel
+# compile of seconds, and the GPU runs the full-size cases instead
+interpreter_only = pytest.mark.skipif(CUDA, reason="tiny-shape interpreter test; the GPU runs full sizes")
 
 ACTS = {"relu": lambda s: nn.ReLU(), "leaky_relu": lambda s: nn.LeakyReLU(s), "tanh": lambda s: nn.Tanh(),
         "sigmoid": lambda s: nn.Sigmoid(), "none": lambda s: nn.Identity()}
@@ -99,6 +102,7 @@ CPU_CASES = [
 ]
 
 
+@interpreter_only
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "b{}_{}to{}_{}x{}_s{}p{}_{}_{}".format(
     c[0], c[1], c[2], c[3], c[3], c[4], c[5], "bn" if c[6] else "nobn", c[7]))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -111,6 +115,7 @@ def test_small(case, training, monkeypatch):
     check(ref, x, torch.float32, stride, pad, act, training, tol=2e-5)
 
 
+@interpreter_only
 def test_leaky_slope_and_channels_last_input(monkeypatch):
     monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
     ref, x = make_case(2, 8, 8, 8, 2, 1, True, "leaky_relu", slope=0.05)
@@ -118,13 +123,17 @@ def test_leaky_slope_and_channels_last_input(monkeypatch):
           True, tol=2e-5, slope=0.05)
 
 
-def test_no_grad_matches():
+@interpreter_only
+def test_no_grad_matches(monkeypatch):
+    """Without autograd the op goes straight to the kernels (no saved tensors)."""
+    monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
     ref, x = make_case(2, 8, 16, 8, 2, 1, True, "leaky_relu")
     w, g, b, rm, rv = op_params(ref, torch.float32)
     with torch.no_grad():
         out = ops.conv_bn_act(x.float(), w, g, b, rm, rv)
         expect = ref(x)
-    assert rel_err(out, expect) < 1e-3   # TF32 allowed on GPU
+    assert rel_err(out, expect) < 2e-5
+    assert rel_err(rm, ref[1].running_mean) < 2e-5
 
 
 def _args(cin=8, cout=16):
@@ -180,7 +189,7 @@ GPU_LAYERS = [
     (256, 512, 8, 2, 1, True, "leaky_relu"),
     (512, 1, 4, 1, 0, False, "sigmoid"),
 ]
-GPU_TOL = {"tf32": 5e-3, "ieee": 5e-5, "bf16": 3e-2}
+GPU_TOL = {"tf32": 1e-2, "ieee": 5e-5, "bf16": 3e-2}   # TF32 truncates operands (~1e-3 each)
 # Each distinct kernel specialization is a compile of a few seconds on the GPU host, so the matrix
 # is: every layer trained in tf32 and bf16 (the kernels benches/layer_table.py also uses; batch 32
 # keeps the same integer specializations as B = 128/512), eval for the BN layers, exact fp32 (ieee)

@@ -14,6 +14,9 @@ from fastdcgan import ops
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+# tiny-shape tests run under the interpreter only: on a GPU every new shape class is a kernel
+# compile of seconds, and the GPU runs the full-size cases instead
+interpreter_only = pytest.mark.skipif(CUDA, reason="tiny-shape interpreter test; the GPU runs full sizes")
 
 ACTS = {"relu": lambda s: nn.ReLU(), "leaky_relu": lambda s: nn.LeakyReLU(s), "tanh": lambda s: nn.Tanh(),
         "sigmoid": lambda s: nn.Sigmoid(), "none": lambda s: nn.Identity()}
@@ -92,6 +95,7 @@ CPU_CASES = [
 ]
 
 
+@interpreter_only
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "b{}_{}to{}_{}x{}_s{}p{}_{}_{}".format(
     c[0], c[1], c[2], c[3], c[3], c[4], c[5], "bn" if c[6] else "nobn", c[7]))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -104,6 +108,7 @@ def test_small(case, training, monkeypatch):
     check(ref, x, torch.float32, stride, pad, act, training, tol=2e-5)
 
 
+@interpreter_only
 def test_returns_channels_last_and_chains():
     """Output is channels_last (free NHWC view); feeding it to the next op needs no copy."""
     x = torch.randn(2, 8, 4, 4, device=DEV)
@@ -144,7 +149,7 @@ GPU_LAYERS = [
     (128, 64, 16, 2, 1, True, "relu"),
     (64, 3, 32, 2, 1, False, "tanh"),
 ]
-GPU_TOL = {"tf32": 5e-3, "ieee": 5e-5, "bf16": 3e-2}
+GPU_TOL = {"tf32": 1e-2, "ieee": 5e-5, "bf16": 3e-2}   # TF32 truncates operands (~1e-3 each)
 # Each distinct kernel specialization is a compile of a few seconds on the GPU host, so the matrix
 # is: every layer trained in tf32 and bf16 (the kernels benches/layer_table.py also uses; batch 32
 # keeps the same integer specializations as B = 128/512), eval for the BN layers, exact fp32 (ieee)

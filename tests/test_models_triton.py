@@ -14,6 +14,9 @@ from fastdcgan import Discriminator, Generator
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+# tiny-shape tests run under the interpreter only: on a GPU every new shape class is a kernel
+# compile of seconds, and the GPU runs the full-size cases instead
+interpreter_only = pytest.mark.skipif(CUDA, reason="tiny-shape interpreter test; the GPU runs full sizes")
 
 
 @pytest.fixture(autouse=True)
@@ -64,34 +67,44 @@ def train_step_check(nz, ngf, ndf, batch, dtype, tol):
     compare_state(d, dr, tol)
 
 
+@interpreter_only
 def test_train_step_matches_reference(monkeypatch):
     monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
     train_step_check(nz=8, ngf=4, ndf=4, batch=2, dtype=torch.float32, tol=5e-5)
 
 
-def test_eval_and_logits_match_reference(monkeypatch):
-    monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
-    g, d, gr, dr = pair(8, 4, 4)
-    z = torch.randn(3, 8, 1, 1, device=DEV)
+def eval_check(nz, ngf, ndf, batch, dtype, tol):
+    """Eval-mode (running-stats BN, no grad) outputs of G, D and D.logits."""
+    g, d, gr, dr = pair(nz, ngf, ndf, dtype)
+    z = torch.randn(batch, nz, 1, 1, device=DEV)
     # running stats = one batch's statistics (momentum 1), so eval-mode BN is well conditioned
     for m in (*g.modules(), *d.modules(), *gr.modules(), *dr.modules()):
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = 1.0
     with torch.no_grad():
-        img, img_r = g(z), gr(z.double())
+        img, img_r = g(z.to(dtype)), gr(z.double())
         d(img), dr(img_r)
     for m in (g, d, gr, dr):
         m.eval()
     with torch.no_grad():
-        img, img_r = g(z), gr(z.double())
-        assert rel_err(img, img_r) < 5e-5
-        assert rel_err(d(img), dr(img_r)) < 5e-5
-        assert rel_err(d.logits(img), dr.logits(img_r)) < 5e-5
-    compare_buffers = [(a, b) for a, b in zip(g.buffers(), gr.buffers()) if a.is_floating_point()]
-    assert all(rel_err(a, b) < 5e-5 for a, b in compare_buffers)
+        img, img_r = g(z.to(dtype)), gr(z.double())
+        assert rel_err(img, img_r) < tol
+        assert rel_err(d(img), dr(img_r)) < tol
+        assert rel_err(d.logits(img), dr.logits(img_r)) < tol
+    for (name, a), (_, b) in zip((*g.named_buffers(), *d.named_buffers()),
+                                 (*gr.named_buffers(), *dr.named_buffers())):
+        if a.is_floating_point():
+            assert rel_err(a, b) < tol, name
+
+
+@interpreter_only
+def test_eval_and_logits_match_reference(monkeypatch):
+    monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
+    eval_check(nz=8, ngf=4, ndf=4, batch=3, dtype=torch.float32, tol=5e-5)
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-2), (torch.bfloat16, 5e-2)], ids=["tf32", "bf16"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 3e-2), (torch.bfloat16, 1e-1)], ids=["tf32", "bf16"])
 def test_full_size_gpu(dtype, tol):
     train_step_check(nz=100, ngf=64, ndf=64, batch=32, dtype=dtype, tol=tol)
+    eval_check(nz=100, ngf=64, ndf=64, batch=32, dtype=dtype, tol=tol)
