@@ -57,7 +57,7 @@ class TrainConfig:
     # Paper setup on a GPU; on a CPU a narrower net and smaller batch so that the default run
     # finishes in minutes and still ends with recognisable faces.
     GPU_DEFAULTS = dict(batch_size=128, ngf=64, ndf=64, epochs=5, sample_every=500, ckpt_every=1000)
-    CPU_DEFAULTS = dict(batch_size=64, ngf=32, ndf=32, steps=400, sample_every=100, ckpt_every=200)
+    CPU_DEFAULTS = dict(batch_size=32, ngf=32, ndf=32, steps=1200, sample_every=200, ckpt_every=200)
 
     def resolve(self):
         """Fills device-dependent defaults and validates; returns a new config."""
@@ -131,9 +131,10 @@ class Trainer:
         betas = (cfg.beta1, cfg.beta2)
         self.optG = FusedAdam(self.G.parameters(), lr=cfg.lr, betas=betas)
         self.optD = FusedAdam(self.D.parameters(), lr=cfg.lr, betas=betas)
-        # The monitor sees one reading per log interval, so its window is counted in readings.
-        self.monitor = StabilityMonitor(window=max(2, 200 // cfg.log_every),
-                                        warmup=min(500, cfg.steps // 2 if cfg.steps else 500))
+        # The monitor sees one reading per log interval: its window is counted in readings, its
+        # cooldown (one warning of a kind per 200 steps) and warmup in steps.
+        self.monitor = StabilityMonitor(window=max(2, 200 // cfg.log_every), cooldown=200,
+                                        warmup=min(500, cfg.steps // 2))
         # Latents come from their own generator so that a resumed run draws the same noise.
         self.noise = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.fixed_noise = torch.randn(cfg.num_samples, cfg.nz, 1, 1, device=self.device,
@@ -370,7 +371,7 @@ def build_parser():
         prog="python -m fastdcgan.train",
         description="Train a DCGAN (pytorch/examples architecture) on the built-in synthetic faces, "
                     "CelebA or any image folder. Defaults: the paper's setup on a GPU; on a CPU a "
-                    "narrower net (ngf=ndf=32, batch 64, 400 steps) that finishes in minutes.")
+                    "narrower net (ngf=ndf=32, batch 32, 1200 steps) that finishes in minutes.")
     a = p.add_argument
     a("--data", "--dataroot", dest="data", default="synthetic",
       help="'synthetic' (built-in faces, no download) or a folder of images, e.g. CelebA's img_align_celeba")
