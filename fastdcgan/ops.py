@@ -7,7 +7,8 @@ autograd Function whose GEMMs read the previous block's raw output through a BN+
 prologue (what the models' triton backend uses).
 
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 set
-before triton is imported). fp32 GEMMs use TF32 unless FASTDCGAN_FP32_PRECISION=ieee.
+before triton is imported). fp32 GEMMs use TF32 unless FASTDCGAN_FP32_PRECISION=ieee. Inside
+CUDA autocast (bf16/fp16) the ops compute in the autocast dtype.
 Results are returned as NCHW-shaped tensors in channels_last memory format.
 """
 import os
@@ -113,11 +114,23 @@ def _validate_input(op, x):
     _check_device(x.device)
 
 
+def _autocast(x):
+    """Under CUDA autocast to bf16/fp16 the fused ops run in that dtype, like autocast's convs:
+    fp32 activations are cast on the way in; weights are cast as the kernels pack them, BN
+    parameters and statistics stay fp32, gradients come back in the parameters' dtype."""
+    if x.is_cuda and x.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        if dtype in (torch.bfloat16, torch.float16):
+            return x.to(dtype)
+    return x
+
+
 def _block(op, transposed, x, weight, gamma, beta, running_mean, running_var, stride, padding,
            training, momentum, eps, activation, negative_slope):
     from fastdcgan.kernels.activations import act_code
 
     _validate_input(op, x)
+    x = _autocast(x)
     stride, padding = _as_int(stride, "stride"), _as_int(padding, "padding")
     act_code(activation)
     _validate_block(op, tuple(x.shape), x.dtype, x.device, weight, gamma, beta, running_mean,
@@ -125,17 +138,17 @@ def _block(op, transposed, x, weight, gamma, beta, running_mean, running_var, st
                     training=training, momentum=momentum, eps=eps)
     if gamma is not None and beta is None:
         beta = torch.zeros_like(gamma)
-    return dict(stride=stride, padding=padding, training=training, momentum=momentum, eps=eps,
-                activation=activation, negative_slope=negative_slope), beta
+    return x, dict(stride=stride, padding=padding, training=training, momentum=momentum, eps=eps,
+                   activation=activation, negative_slope=negative_slope), beta
 
 
 def conv_transpose_bn_act(x, weight, gamma, beta, running_mean, running_var, *, stride=2, padding=1,
                           training=True, momentum=0.1, eps=1e-5, activation="relu", negative_slope=0.2):
     """act(batch_norm(conv_transpose2d(x, weight, stride, padding))); weight (Cin, Cout, 4, 4).
     gamma=None: no BatchNorm. training: batch statistics + in-place running-stat update."""
-    kw, beta = _block("conv_transpose_bn_act", True, x, weight, gamma, beta, running_mean,
-                      running_var, stride, padding, training, momentum, eps, activation,
-                      negative_slope)
+    x, kw, beta = _block("conv_transpose_bn_act", True, x, weight, gamma, beta, running_mean,
+                         running_var, stride, padding, training, momentum, eps, activation,
+                         negative_slope)
     from fastdcgan.kernels.conv_transpose_bn_act import conv_transpose_bn_act as fused
 
     return fused(x, weight, gamma, beta, running_mean, running_var, **kw)
@@ -145,8 +158,8 @@ def conv_bn_act(x, weight, gamma, beta, running_mean, running_var, *, stride=2, 
                 training=True, momentum=0.1, eps=1e-5, activation="leaky_relu", negative_slope=0.2):
     """act(batch_norm(conv2d(x, weight, stride, padding))); weight (Cout, Cin, 4, 4).
     gamma=None: no BatchNorm. training: batch statistics + in-place running-stat update."""
-    kw, beta = _block("conv_bn_act", False, x, weight, gamma, beta, running_mean, running_var,
-                      stride, padding, training, momentum, eps, activation, negative_slope)
+    x, kw, beta = _block("conv_bn_act", False, x, weight, gamma, beta, running_mean, running_var,
+                         stride, padding, training, momentum, eps, activation, negative_slope)
     from fastdcgan.kernels.conv_bn_act import conv_bn_act as fused
 
     return fused(x, weight, gamma, beta, running_mean, running_var, **kw)
@@ -164,6 +177,7 @@ def fused_network(x, blocks):
     from fastdcgan.kernels.network import run_network
 
     _validate_input("fused_network", x)
+    x = _autocast(x)
     if not blocks:
         raise ValueError("fused_network: no blocks")
     shape, specs, tensors = tuple(x.shape), [], []

@@ -108,3 +108,24 @@ def test_eval_and_logits_match_reference(monkeypatch):
 def test_full_size_gpu(dtype, tol):
     train_step_check(nz=100, ngf=64, ndf=64, batch=32, dtype=dtype, tol=tol)
     eval_check(nz=100, ngf=64, ndf=64, batch=32, dtype=dtype, tol=tol)
+
+
+@needs_cuda
+def test_autocast_bf16_gpu():
+    """Under torch.autocast(bf16) (what the trainer's --precision bf16 uses) the fused network
+    runs in bf16 on fp32 parameters: bf16 outputs, fp32 gradients, fp32 running stats."""
+    g, d, gr, dr = pair(100, 64, 64)
+    z = torch.randn(32, 100, device=DEV)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fake = g(z)
+        p = d(fake)
+    assert fake.dtype == torch.bfloat16 and p.dtype == torch.bfloat16
+    fake_r = gr(z.double())
+    p_r = dr(fake_r)
+    assert rel_err(fake, fake_r) < 1e-1 and rel_err(p, p_r) < 1e-1
+    w = torch.randn(32, device=DEV)
+    (p.float() * w).sum().backward()
+    (p_r * w.double()).sum().backward()
+    assert all(t.grad.dtype == torch.float32 for t in (*g.parameters(), *d.parameters()))
+    compare_state(g, gr, 1e-1)
+    compare_state(d, dr, 1e-1)
