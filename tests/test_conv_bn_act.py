@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fastdcgan import ops
+from precision import check_block, rel_err
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -26,10 +27,6 @@ def poison(monkeypatch):
     monkeypatch.setenv("FASTDCGAN_POISON", "1")   # NaN-fill kernel outputs before they run
 
 
-def rel_err(out, ref):
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    assert not torch.isnan(out).any(), "NaN in the result"
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def make_case(b, cin, cout, hw, stride, pad, bn, act, slope=0.2, dtype=torch.float32, device=DEV):
@@ -67,27 +64,8 @@ def op_params(ref, dtype):
 
 
 def check(ref, x, dtype, stride, pad, act, training, tol, slope=0.2):
-    ref.train(training)
-    w, g, b, rm, rv = op_params(ref, dtype)
-    xo = x.to(dtype).clone().requires_grad_()
-    out = ops.conv_bn_act(xo, w, g, b, rm, rv, stride=stride, padding=pad, training=training,
-                          activation=act, negative_slope=slope)
-    xr = x.clone().requires_grad_()
-    expect = ref(xr)
-    assert out.shape == expect.shape and out.dtype == dtype
-    assert rel_err(out, expect) < tol
-    if g is not None:
-        norm = ref[1]
-        assert rel_err(rm, norm.running_mean) < tol
-        assert rel_err(rv, norm.running_var) < tol
-    grad = torch.randn_like(expect)
-    params = [xo, w] + ([g, b] if g is not None else [])
-    rparams = [xr, ref[0].weight] + ([ref[1].weight, ref[1].bias] if g is not None else [])
-    got = torch.autograd.grad(out, params, grad.to(dtype))
-    want = torch.autograd.grad(expect, rparams, grad)
-    for name, a, e in zip(["x", "weight", "gamma", "beta"], got, want):
-        assert a.dtype == (dtype if name in ("x", "weight") else torch.float32)
-        assert rel_err(a, e) < tol, name
+    check_block(ops.conv_bn_act, ref, x, dtype, training, tol, stride=stride, padding=pad,
+                activation=act, negative_slope=slope)
 
 
 # (batch, cin, cout, hw, stride, padding, bn, activation)

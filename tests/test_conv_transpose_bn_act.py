@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fastdcgan import ops
+from precision import check_block, rel_err
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -27,10 +28,6 @@ def poison(monkeypatch):
     monkeypatch.setenv("FASTDCGAN_POISON", "1")   # NaN-fill kernel outputs before they run
 
 
-def rel_err(out, ref):
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    assert not torch.isnan(out).any(), "NaN in the result"
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def make_case(b, cin, cout, hw, stride, pad, bn, act, dtype=torch.float32, device=DEV):
@@ -54,33 +51,8 @@ def make_case(b, cin, cout, hw, stride, pad, bn, act, dtype=torch.float32, devic
 
 
 def check(ref, x, dtype, stride, pad, act, training, tol):
-    ref.train(training)
-    w = ref[0].weight.detach().to(dtype).clone().requires_grad_()
-    bn = isinstance(ref[1], nn.BatchNorm2d)
-    if bn:
-        norm = ref[1]
-        g = norm.weight.detach().float().clone().requires_grad_()
-        b = norm.bias.detach().float().clone().requires_grad_()
-        rm, rv = norm.running_mean.float().clone(), norm.running_var.float().clone()
-    else:
-        g = b = rm = rv = None
-    xo = x.to(dtype).clone().requires_grad_()
-    out = ops.conv_transpose_bn_act(xo, w, g, b, rm, rv, stride=stride, padding=pad,
-                                    training=training, activation=act)
-    xr = x.clone().requires_grad_()
-    expect = ref(xr)
-    assert out.shape == expect.shape and out.dtype == dtype
-    assert rel_err(out, expect) < tol
-    if bn:
-        assert rel_err(rm, ref[1].running_mean) < tol
-        assert rel_err(rv, ref[1].running_var) < tol
-    grad = torch.randn_like(expect)
-    params = [xo, w] + ([g, b] if bn else [])
-    rparams = [xr, ref[0].weight] + ([ref[1].weight, ref[1].bias] if bn else [])
-    got = torch.autograd.grad(out, params, grad.to(dtype))
-    want = torch.autograd.grad(expect, rparams, grad)
-    for name, a, e in zip(["x", "weight", "gamma", "beta"], got, want):
-        assert rel_err(a, e) < tol, name
+    check_block(ops.conv_transpose_bn_act, ref, x, dtype, training, tol, stride=stride, padding=pad,
+                activation=act)
 
 
 # (batch, cin, cout, hw, stride, padding, bn, activation)

@@ -1,0 +1,69 @@
+"""Error measures shared by the kernel tests.
+
+rel_err: relative Frobenius error against a float64 reference (NaN never passes).
+allowed: the tolerance for one quantity: a fixed floor, or twice the error that eager PyTorch
+makes at the same precision (cuDNN with TF32, or bf16 autocast) on the same inputs, whichever is
+larger. Gradients through ReLU/LeakyReLU need the second: a reduced-precision forward flips the
+sign of pre-activations near zero, which changes act' there, and the relative error of such a
+gradient grows like the square root of the flipped fraction (~1e-2 with TF32), for cuDNN as for us.
+"""
+import contextlib
+import copy
+
+import torch
+from torch import nn
+
+
+def rel_err(out, ref):
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert not torch.isnan(out).any(), "NaN in the result"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def allowed(floor, eager, ref):
+    return max(floor, 2 * rel_err(eager, ref))
+
+
+def eager_precision(dtype, device):
+    """The eager baseline's context: bf16 autocast for bf16, TF32 cuDNN/cuBLAS for fp32 on CUDA."""
+    if dtype == torch.bfloat16:
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def check_block(op, ref, x, dtype, training, tol, **op_kwargs):
+    """A fused block op (conv or convT + optional BN + activation) against `ref`, the float64
+    nn.Sequential(conv, [BatchNorm2d,] activation) with the same weights: output, running stats
+    and the gradients of x, weight, gamma and beta, each within allowed(tol, eager, reference)."""
+    ref.train(training)
+    eager = copy.deepcopy(ref).float()   # before ref's forward moves the running stats
+    conv, norm = ref[0], ref[1] if isinstance(ref[1], nn.BatchNorm2d) else None
+    w = conv.weight.detach().to(dtype).clone().requires_grad_()
+    if norm is not None:
+        g = norm.weight.detach().float().clone().requires_grad_()
+        b = norm.bias.detach().float().clone().requires_grad_()
+        rm, rv = norm.running_mean.float().clone(), norm.running_var.float().clone()
+    else:
+        g = b = rm = rv = None
+    xo = x.to(dtype).clone().requires_grad_()
+    out = op(xo, w, g, b, rm, rv, training=training, **op_kwargs)
+    xr, xe = x.clone().requires_grad_(), x.float().clone().requires_grad_()
+    expect = ref(xr)
+    with eager_precision(dtype, x.device):
+        eager_out = eager(xe)
+    assert out.shape == expect.shape and out.dtype == dtype
+    assert rel_err(out, expect) < allowed(tol, eager_out, expect)
+    if norm is not None:
+        for name in ("running_mean", "running_var"):
+            ours, want, base = rm if name == "running_mean" else rv, getattr(norm, name), getattr(eager[1], name)
+            assert rel_err(ours, want) < allowed(tol, base, want), name
+    grad = torch.randn_like(expect)
+    params = [xo, w] + ([g, b] if norm is not None else [])
+    rparams = [xr, conv.weight] + ([norm.weight, norm.bias] if norm is not None else [])
+    eparams = [xe, eager[0].weight] + ([eager[1].weight, eager[1].bias] if norm is not None else [])
+    got = torch.autograd.grad(out, params, grad.to(dtype))
+    want = torch.autograd.grad(expect, rparams, grad)
+    base = torch.autograd.grad(eager_out, eparams, grad.to(eager_out.dtype))
+    for name, a, e, be in zip(["x", "weight", "gamma", "beta"], got, want, base):
+        assert a.dtype == (dtype if name in ("x", "weight") else torch.float32), name
+        assert rel_err(a, e) < allowed(tol, be, e), name
