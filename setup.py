@@ -5,6 +5,7 @@ torch must already be installed: build with `pip install --no-build-isolation -e
 (an isolated build environment would download a multi-GB CUDA torch).
 """
 import glob
+import importlib.util
 import os
 
 from setuptools import setup
@@ -23,25 +24,16 @@ here = os.path.dirname(os.path.abspath(__file__))
 
 # Files of the C++/CUDA extension. fastdcgan/_ext.py hashes the same set the same way and, when the
 # source tree is present, refuses a build whose compiled-in hash differs (a stale extension).
-EXT_SOURCE_PATTERNS = ("*.cpp", "*.h", "*.cu", "*.cuh")
+def _load_source_hash():
+    """fastdcgan/_source_hash.py, loaded by path: the package itself is not importable yet."""
+    spec = importlib.util.spec_from_file_location(
+        "_fastdcgan_source_hash", os.path.join(here, "fastdcgan", "_source_hash.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def csrc_source_hash(root=here):
-    """sha256 over csrc/**/{*.cpp,*.h,*.cu,*.cuh}: relative posix path and bytes of each, sorted.
-    Keep in sync with fastdcgan/_ext.py:csrc_source_hash."""
-    import hashlib
-
-    csrc = os.path.join(root, "csrc")
-    files = set()
-    for pattern in EXT_SOURCE_PATTERNS:
-        files.update(glob.glob(os.path.join(csrc, "**", pattern), recursive=True))
-    h = hashlib.sha256()
-    for path in sorted(os.path.relpath(f, csrc).replace(os.sep, "/") for f in files):
-        h.update(path.encode() + b"\0")
-        with open(os.path.join(csrc, path), "rb") as fh:
-            h.update(fh.read())
-        h.update(b"\0")
-    return h.hexdigest()[:32]
+csrc_source_hash = _load_source_hash().csrc_source_hash
 
 
 def _want_cuda(cu):
@@ -67,7 +59,7 @@ def extension_modules():
         return []
     cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     with_cuda = _want_cuda(cu)
-    macros = [("FASTDCGAN_SOURCE_HASH", "h" + csrc_source_hash())]
+    macros = [("FASTDCGAN_SOURCE_HASH", "h" + csrc_source_hash(here))]
     # -fno-math-errno lets GCC vectorise sqrtf/fmaf; -ffp-contract=off: no implicit FMA contraction,
     # the Adam update has its fused multiply-adds exactly where torch.optim.Adam's CPU kernels do.
     cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-fdiagnostics-color=always"]

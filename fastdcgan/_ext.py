@@ -15,13 +15,13 @@ and checks that the compiled extension matches the csrc/ sources next to it (whe
 missing, stale or CPU-only build raises an error naming the command that rebuilds it.
 Set FASTDCGAN_SKIP_EXT_CHECK=1 to skip the staleness check.
 """
-import glob
-import hashlib
 import importlib
 import os
 import threading
 
 import torch
+
+from fastdcgan import _source_hash
 
 __all__ = ["load", "ops", "with_cuda", "check_device", "check_built_from", "csrc_source_hash",
            "ExtensionError"]
@@ -29,7 +29,6 @@ __all__ = ["load", "ops", "with_cuda", "check_device", "check_built_from", "csrc
 REBUILD = "run `bash dev.sh test` or `pip install --no-build-isolation -e .` in the fastdcgan checkout"
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _SOURCE_ROOT = os.path.dirname(_PACKAGE_DIR)
-EXT_SOURCE_PATTERNS = ("*.cpp", "*.h", "*.cu", "*.cuh")
 
 _lock = threading.Lock()
 _module = None
@@ -40,22 +39,8 @@ class ExtensionError(ImportError):
 
 
 def csrc_source_hash(root=_SOURCE_ROOT):
-    """The hash setup.py compiles into fastdcgan._C (keep in sync with setup.py:csrc_source_hash).
-
-    Returns None when `root` has no csrc/ sources (an installed, non-editable package)."""
-    csrc = os.path.join(root, "csrc")
-    files = set()
-    for pattern in EXT_SOURCE_PATTERNS:
-        files.update(glob.glob(os.path.join(csrc, "**", pattern), recursive=True))
-    if not files:
-        return None
-    h = hashlib.sha256()
-    for path in sorted(os.path.relpath(f, csrc).replace(os.sep, "/") for f in files):
-        h.update(path.encode() + b"\0")
-        with open(os.path.join(csrc, path), "rb") as fh:
-            h.update(fh.read())
-        h.update(b"\0")
-    return h.hexdigest()[:32]
+    """The hash setup.py compiles into fastdcgan._C; None without csrc/ sources."""
+    return _source_hash.csrc_source_hash(root)
 
 
 def load():

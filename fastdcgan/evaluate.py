@@ -14,7 +14,7 @@ import torch
 from fastdcgan import metrics
 from fastdcgan.checkpoint import CheckpointError, load_generator
 from fastdcgan.generate import generate
-from fastdcgan.models import BACKENDS
+from fastdcgan.models import BACKENDS, resolve_device
 
 
 def evaluate_generator(generator, real, num=None, seed=0, inception=None, train_bn=False,
@@ -81,9 +81,7 @@ def main(argv=None):
     if args.num < 2 or args.patches_per_image < 1:
         print("error: --num must be >= 2 and --patches-per-image >= 1", file=sys.stderr)
         return 1
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device)
     try:
         G = load_generator(args.checkpoint, device=device, backend=args.backend)
         inception = metrics.load_inception(args.inception, device) if args.inception else None

@@ -11,7 +11,7 @@ import torch
 from fastdcgan.checkpoint import CheckpointError, load_generator
 from fastdcgan.images import save_grid
 from fastdcgan.latent import interpolation_latents
-from fastdcgan.models import BACKENDS
+from fastdcgan.models import BACKENDS, resolve_device
 
 
 def generate(generator, num, seed=0, train_bn=False, batch_size=512):
@@ -63,9 +63,7 @@ def main(argv=None):
     if args.num <= 0 or args.nrow <= 0 or args.interpolate < 0:
         print("error: --num and --nrow must be positive, --interpolate >= 0", file=sys.stderr)
         return 1
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device)
     try:
         G = load_generator(args.checkpoint, device=device, backend=args.backend)
     except (CheckpointError, FileNotFoundError) as e:

@@ -15,6 +15,13 @@ from torch import nn
 BACKENDS = ("auto", "reference", "triton")
 
 
+def resolve_device(device="auto"):
+    """"auto" -> "cuda" when a GPU is visible, else "cpu"; anything else unchanged."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def _check_backend(backend):
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")

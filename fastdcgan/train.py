@@ -20,7 +20,7 @@ from tqdm import tqdm
 from fastdcgan import checkpoint
 from fastdcgan.images import plot_losses, save_grid
 from fastdcgan.loss import bce_with_logits
-from fastdcgan.models import BACKENDS, Discriminator, Generator
+from fastdcgan.models import BACKENDS, Discriminator, Generator, resolve_device
 from fastdcgan.monitor import NonFiniteError, StabilityMonitor
 from fastdcgan.optim import FusedAdam
 
@@ -61,9 +61,7 @@ class TrainConfig:
 
     def resolve(self):
         """Fills device-dependent defaults and validates; returns a new config."""
-        device = self.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(self.device)
         cfg = dataclasses.replace(self, device=device)
         defaults = self.GPU_DEFAULTS if device.startswith("cuda") else self.CPU_DEFAULTS
         for k, v in defaults.items():

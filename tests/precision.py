@@ -67,3 +67,29 @@ def check_block(op, ref, x, dtype, training, tol, **op_kwargs):
     for name, a, e, be in zip(["x", "weight", "gamma", "beta"], got, want, base):
         assert a.dtype == (dtype if name in ("x", "weight") else torch.float32), name
         assert rel_err(a, e) < allowed(tol, be, e), name
+
+
+# Full-width GPU tests. Each distinct kernel specialization is a compile of a few seconds on the
+# GPU host (~130 for the whole GPU run), so the matrix is: every layer trained in tf32 and bf16
+# (the kernels benches/layer_table.py also uses; batch 32 keeps the integer specializations of
+# B = 128/512), one BN layer in eval mode and one in exact fp32 (ieee); the interpreter covers
+# the rest. Floors of `allowed`: TF32 truncates operands (~1e-3 each), bf16 keeps 8 bits.
+GPU_TOL = {"tf32": 1e-2, "ieee": 5e-5, "bf16": 3e-2}
+
+
+def gpu_cases(layers):
+    """(layer, mode, training) cases for layer tuples (cin, cout, hw, stride, padding, bn, act)."""
+    cases = [(layer, mode, True) for layer in layers for mode in ("tf32", "bf16")]
+    return cases + [(layers[2], "tf32", False), (layers[2], "ieee", True)]
+
+
+def gpu_case_id(v):
+    if isinstance(v, tuple):
+        return f"{v[0]}to{v[1]}_{v[2]}x{v[2]}"
+    return v if isinstance(v, str) else ("train" if v else "eval")
+
+
+def gpu_mode(mode, monkeypatch):
+    """The op dtype for a GPU test mode; sets the fp32 dot precision (tf32 or ieee)."""
+    monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee" if mode == "ieee" else "tf32")
+    return torch.bfloat16 if mode == "bf16" else torch.float32

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fastdcgan import ops
-from precision import check_block, rel_err
+from precision import GPU_TOL, check_block, gpu_case_id, gpu_cases, gpu_mode, rel_err
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -121,22 +121,12 @@ GPU_LAYERS = [
     (128, 64, 16, 2, 1, True, "relu"),
     (64, 3, 32, 2, 1, False, "tanh"),
 ]
-GPU_TOL = {"tf32": 1e-2, "ieee": 5e-5, "bf16": 3e-2}   # TF32 truncates operands (~1e-3 each)
-# Each distinct kernel specialization is a compile of a few seconds on the GPU host (~130 for the
-# whole GPU run), so the matrix is: every layer trained in tf32 and bf16 (the kernels
-# benches/layer_table.py also uses; batch 32 keeps the integer specializations of B = 128/512),
-# one BN layer in eval mode and one in exact fp32 (ieee); the interpreter covers the rest.
-GPU_CASES = [(layer, mode, True) for layer in GPU_LAYERS for mode in ("tf32", "bf16")]
-GPU_CASES += [(GPU_LAYERS[2], "tf32", False), (GPU_LAYERS[2], "ieee", True)]
 
 
 @needs_cuda
-@pytest.mark.parametrize("layer, mode, training", GPU_CASES, ids=lambda v: (
-    f"{v[0]}to{v[1]}_{v[2]}x{v[2]}" if isinstance(v, tuple) else
-    v if isinstance(v, str) else ("train" if v else "eval")))
+@pytest.mark.parametrize("layer, mode, training", gpu_cases(GPU_LAYERS), ids=gpu_case_id)
 def test_dcgan_layers_gpu(layer, mode, training, monkeypatch):
     cin, cout, hw, stride, pad, bn, act = layer
-    monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee" if mode == "ieee" else "tf32")
-    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    dtype = gpu_mode(mode, monkeypatch)
     ref, x = make_case(32, cin, cout, hw, stride, pad, bn, act, dtype=dtype)
     check(ref, x, dtype, stride, pad, act, training, tol=GPU_TOL[mode])
