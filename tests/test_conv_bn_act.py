@@ -27,8 +27,6 @@ def poison(monkeypatch):
     monkeypatch.setenv("FASTDCGAN_POISON", "1")   # NaN-fill kernel outputs before they run
 
 
-
-
 def make_case(b, cin, cout, hw, stride, pad, bn, act, slope=0.2, dtype=torch.float32, device=DEV):
     """Fresh random float64 reference module and fp32/bf16 op inputs with the same values."""
     conv = nn.Conv2d(cin, cout, 4, stride, pad, bias=False).double()

@@ -28,8 +28,6 @@ def poison(monkeypatch):
     monkeypatch.setenv("FASTDCGAN_POISON", "1")   # NaN-fill kernel outputs before they run
 
 
-
-
 def make_case(b, cin, cout, hw, stride, pad, bn, act, dtype=torch.float32, device=DEV):
     conv = nn.ConvTranspose2d(cin, cout, 4, stride, pad, bias=False).double()
     nn.init.normal_(conv.weight, 0.0, 0.1)

@@ -25,8 +25,6 @@ def poison(monkeypatch):
     monkeypatch.setenv("FASTDCGAN_POISON", "1")
 
 
-
-
 def pair(nz, ngf, ndf, dtype=torch.float32):
     """(triton G, D in dtype), (float64 reference G, D), (float32 eager G, D: the baseline)."""
     torch.manual_seed(0)
