@@ -130,9 +130,9 @@ class Trainer:
         self.optG = FusedAdam(self.G.parameters(), lr=cfg.lr, betas=betas)
         self.optD = FusedAdam(self.D.parameters(), lr=cfg.lr, betas=betas)
         # The monitor sees one reading per log interval: its window is counted in readings, its
-        # cooldown (one warning of a kind per 200 steps) and warmup in steps.
-        self.monitor = StabilityMonitor(window=max(2, 200 // cfg.log_every), cooldown=200,
-                                        warmup=min(500, cfg.steps // 2))
+        # cooldown (one warning of a kind per 200 steps) and warmup (no diversity check before
+        # step 500: an untrained generator is not diverse yet) in steps.
+        self.monitor = StabilityMonitor(window=max(2, 200 // cfg.log_every), cooldown=200)
         # Latents come from their own generator so that a resumed run draws the same noise.
         self.noise = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.fixed_noise = torch.randn(cfg.num_samples, cfg.nz, 1, 1, device=self.device,
