@@ -31,6 +31,34 @@ def eager_precision(dtype, device):
     return contextlib.nullcontext()
 
 
+ACTS = {"relu": lambda s: nn.ReLU(), "leaky_relu": lambda s: nn.LeakyReLU(s), "tanh": lambda s: nn.Tanh(),
+        "sigmoid": lambda s: nn.Sigmoid(), "none": lambda s: nn.Identity()}
+
+
+def make_block(conv_cls, b, cin, cout, hw, stride, pad, bn, act, slope=0.2, dtype=torch.float32,
+               device="cpu"):
+    """Fresh random float64 reference nn.Sequential(conv_cls, [BatchNorm2d,] activation) and an
+    input; input and conv weight are rounded to `dtype` so the op and the reference see the same
+    values."""
+    conv = conv_cls(cin, cout, 4, stride, pad, bias=False).double()
+    nn.init.normal_(conv.weight, 0.0, 0.1)
+    mods = [conv]
+    if bn:
+        norm = nn.BatchNorm2d(cout).double()
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_(0.0, 0.2)
+            norm.running_mean.normal_(0.0, 0.3)
+            norm.running_var.uniform_(0.5, 2.0)
+        mods.append(norm)
+    mods.append(ACTS[act](slope))
+    ref = nn.Sequential(*mods).to(device)
+    x = torch.randn(b, cin, hw, hw, device=device, dtype=torch.float64).to(dtype).double()
+    with torch.no_grad():
+        conv.weight.copy_(conv.weight.to(dtype).double())
+    return ref, x
+
+
 def check_block(op, ref, x, dtype, training, tol, **op_kwargs):
     """A fused block op (conv or convT + optional BN + activation) against `ref`, the float64
     nn.Sequential(conv, [BatchNorm2d,] activation) with the same weights: output, running stats

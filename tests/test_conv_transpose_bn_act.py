@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fastdcgan import ops
-from precision import GPU_TOL, check_block, gpu_case_id, gpu_cases, gpu_mode, rel_err
+from precision import GPU_TOL, check_block, make_block, gpu_case_id, gpu_cases, gpu_mode, rel_err
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -19,33 +19,15 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 # compile of seconds, and the GPU runs the full-size cases instead
 interpreter_only = pytest.mark.skipif(CUDA, reason="tiny-shape interpreter test; the GPU runs full sizes")
 
-ACTS = {"relu": lambda s: nn.ReLU(), "leaky_relu": lambda s: nn.LeakyReLU(s), "tanh": lambda s: nn.Tanh(),
-        "sigmoid": lambda s: nn.Sigmoid(), "none": lambda s: nn.Identity()}
-
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     monkeypatch.setenv("FASTDCGAN_POISON", "1")   # NaN-fill kernel outputs before they run
 
 
-def make_case(b, cin, cout, hw, stride, pad, bn, act, dtype=torch.float32, device=DEV):
-    conv = nn.ConvTranspose2d(cin, cout, 4, stride, pad, bias=False).double()
-    nn.init.normal_(conv.weight, 0.0, 0.1)
-    mods = [conv]
-    if bn:
-        norm = nn.BatchNorm2d(cout).double()
-        with torch.no_grad():
-            norm.weight.uniform_(0.5, 1.5)
-            norm.bias.normal_(0.0, 0.2)
-            norm.running_mean.normal_(0.0, 0.3)
-            norm.running_var.uniform_(0.5, 2.0)
-        mods.append(norm)
-    mods.append(ACTS[act](0.2))
-    ref = nn.Sequential(*mods).to(device)
-    x = torch.randn(b, cin, hw, hw, device=device, dtype=torch.float64).to(dtype).double()
-    with torch.no_grad():
-        conv.weight.copy_(conv.weight.to(dtype).double())
-    return ref, x
+def make_case(*args, **kw):
+    """A float64 reference block around nn.ConvTranspose2d and its input (precision.make_block)."""
+    return make_block(nn.ConvTranspose2d, *args, **{"device": DEV, **kw})
 
 
 def check(ref, x, dtype, stride, pad, act, training, tol):
