@@ -309,9 +309,14 @@ class Trainer:
             self._log(stats, time.perf_counter() - t0, None)
         if stats is not None and cfg.eval_every and self.log_rows[-1]["swd"] == "":
             self.evaluate()
-        self.write_samples()
+        # The last step may have written its grid and checkpoint already; a run that took no
+        # step (resumed at its end) still leaves both in --out.
+        if stats is None or self.step % cfg.sample_every:
+            self.write_samples()
         self._write_log()
-        path = self.save_checkpoint()
+        path = self.out / "checkpoint.pt"
+        if stats is None or self.step % cfg.ckpt_every:
+            path = self.save_checkpoint()
         if stop.requested:
             print(f"stopped by {stop.requested} at step {self.step}; checkpoint saved to {path}; "
                   f"continue with --resume {path}", file=sys.stderr)
