@@ -10,8 +10,16 @@ gradient grows like the square root of the flipped fraction (~1e-2 with TF32), f
 import contextlib
 import copy
 
+import pytest
 import torch
 from torch import nn
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+# tiny-shape tests run under the interpreter only: on a GPU every new shape class is a kernel
+# compile of seconds, and the GPU runs the full-size cases instead
+interpreter_only = pytest.mark.skipif(CUDA, reason="tiny-shape interpreter test; the GPU runs full sizes")
 
 
 def rel_err(out, ref):

@@ -9,19 +9,11 @@ import torch
 from torch import nn
 
 from fastdcgan import ops
-from precision import GPU_TOL, check_block, make_block, gpu_case_id, gpu_cases, gpu_mode, rel_err
+from precision import (
+    check_block, DEV, gpu_case_id, gpu_cases, gpu_mode, GPU_TOL, interpreter_only, make_block,
+    needs_cuda, rel_err)
 
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-# tiny-shape tests run under the interpreter only: on a GPU every new shape class is a kernel
-# compile of seconds, and the GPU runs the full-size cases instead
-interpreter_only = pytest.mark.skipif(CUDA, reason="tiny-shape interpreter test; the GPU runs full sizes")
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setenv("FASTDCGAN_POISON", "1")   # NaN-fill kernel outputs before they run
+pytestmark = pytest.mark.usefixtures("poison")
 
 
 def make_case(*args, **kw):

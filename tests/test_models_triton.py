@@ -10,19 +10,10 @@ import pytest
 import torch
 
 from fastdcgan import Discriminator, Generator
-from precision import allowed, eager_precision, rel_err
+from precision import (
+    allowed, DEV, eager_precision, interpreter_only, needs_cuda, rel_err)
 
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-# tiny-shape tests run under the interpreter only: on a GPU every new shape class is a kernel
-# compile of seconds, and the GPU runs the full-size cases instead
-interpreter_only = pytest.mark.skipif(CUDA, reason="tiny-shape interpreter test; the GPU runs full sizes")
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setenv("FASTDCGAN_POISON", "1")
+pytestmark = pytest.mark.usefixtures("poison")
 
 
 def pair(nz, ngf, ndf, dtype=torch.float32):
