@@ -57,7 +57,8 @@ def extension_modules():
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if not cpp:
         return []
-    cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    # csrc/cuda/: the kernels (*.cu, nvcc) and the host side of the CUDA ops (*.cpp, C++ compiler)
+    cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     with_cuda = _want_cuda(cu)
     macros = [("FASTDCGAN_SOURCE_HASH", "h" + csrc_source_hash(here))]
     # -fno-math-errno lets GCC vectorise sqrtf/fmaf; -ffp-contract=off: no implicit FMA contraction,

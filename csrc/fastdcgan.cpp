@@ -10,8 +10,8 @@
 //   bce_with_logits(logits, target) -> (loss, grad)
 //       mean binary cross-entropy of `logits` against the constant `target`, and dloss/dlogits,
 //       in one pass.
-// Implementations: CPU in adam_cpu.cpp / bce_cpu.cpp (always built), CUDA in cuda/*.cu (built when
-// setup.py sees CUDA). Fake (meta) implementations and autograd live in fastdcgan/_ext.py.
+// Implementations: CPU in adam_cpu.cpp / bce_cpu.cpp (always built); CUDA (built when setup.py
+// sees CUDA): host side in cuda/ops_cuda.cpp, kernels in cuda/*.cu. Fake (meta) implementations and autograd live in fastdcgan/_ext.py.
 #include <Python.h>
 
 #include <torch/library.h>
@@ -56,9 +56,10 @@ void check_adam_args(const at::Tensor& param, const at::Tensor& grad, const at::
 }
 
 void check_bce_args(const at::Tensor& logits, double target) {
-  TORCH_CHECK(at::isFloatingType(logits.scalar_type()),
-              "fastdcgan::bce_with_logits: logits must be floating point, got ",
-              logits.scalar_type());
+  const auto t = logits.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+              "fastdcgan::bce_with_logits: logits must be float32, float64, float16 or bfloat16, "
+              "got ", t);
   TORCH_CHECK(logits.numel() > 0, "fastdcgan::bce_with_logits: logits is empty");
   TORCH_CHECK(std::isfinite(target), "fastdcgan::bce_with_logits: target must be finite");
 }

@@ -121,7 +121,8 @@ def _register_python_parts():
 
     @torch.library.register_fake("fastdcgan::bce_with_logits")
     def _bce_fake(logits, target):
-        torch._check(logits.is_floating_point(), lambda: "bce_with_logits: logits must be floating")
+        torch._check(logits.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+                     lambda: "bce_with_logits: logits must be float32, float64, float16 or bfloat16")
         loss = logits.new_empty(())
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         return loss, grad

@@ -92,13 +92,17 @@ def test_loss_and_grad_without_autograd():
     torch.testing.assert_close(grad.double(), ref_grad)
 
 
-def test_bad_arguments():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_arguments(device):
     with pytest.raises(TypeError, match="constant label"):
-        bce_with_logits(torch.randn(4), torch.ones(4))
-    with pytest.raises(RuntimeError, match="floating point"):
-        bce_with_logits(torch.ones(4, dtype=torch.long), 1.0)
+        bce_with_logits(torch.randn(4, device=device), torch.ones(4))
+    for dtype in (torch.long, torch.float8_e4m3fn):  # float8 is floating but has no kernel
+        with pytest.raises(RuntimeError, match="float32, float64, float16 or bfloat16"):
+            bce_with_logits(torch.ones(4, device=device).to(dtype), 1.0)
     with pytest.raises(RuntimeError, match="empty"):
-        bce_with_logits(torch.randn(0), 1.0)
+        bce_with_logits(torch.randn(0, device=device), 1.0)
+    with pytest.raises(RuntimeError, match="target must be finite"):
+        bce_with_logits(torch.randn(4, device=device), float("nan"))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,17 +1,11 @@
-// CUDA implementation of fastdcgan::adam_step: the whole update of one network is ONE kernel
-// launch over its flat buffers (grid-stride, float4 loads when the buffers are 16-byte aligned,
-// scalar tail). The step count is read in the kernel and incremented by the last block to finish
+// CUDA kernel of fastdcgan::adam_step: the whole update of one network is ONE kernel launch over
+// its flat buffers (grid-stride, float4 loads when the buffers are 16-byte aligned, scalar tail).
+// The step count is read in the kernel and incremented by the last block to finish
 // (block-completion counter in `sync`), so nothing is read on the host and a CUDA graph that
-// captured the call replays correctly.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
+// captured the call replays correctly. Host side (checks, stream, grid size): ops_cuda.cpp.
 #include <algorithm>
-#include <atomic>
 
-#include "../fastdcgan.h"
+#include "launch.h"
 
 namespace fastdcgan {
 namespace {
@@ -83,61 +77,37 @@ __global__ void __launch_bounds__(kThreads)
 
 __global__ void increment_step_kernel(float* step) { *step += 1.0f; }
 
-// SM count of a device, queried once (the device-properties helper of ATen/cuda/CUDAContext.h
-// would pull in the cuBLAS/cuSPARSE headers for this one number).
-int multiprocessor_count(int device) {
-  static std::atomic<int> cache[64];  // zero-initialised (static storage)
-  if (device < 0 || device >= 64) device = 0;
-  int sms = cache[device].load(std::memory_order_relaxed);
-  if (sms == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    cache[device].store(sms, std::memory_order_relaxed);
-  }
-  return sms;
-}
-
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-void adam_step_cuda(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
-                    at::Tensor& exp_avg_sq, at::Tensor& step, double lr, double beta1,
-                    double beta2, double eps, double weight_decay,
-                    const std::optional<at::Tensor>& sync) {
-  check_adam_args(param, grad, exp_avg, exp_avg_sq, step, sync);
-  TORCH_INTERNAL_ASSERT(param.device().is_cuda());
-  const c10::cuda::CUDAGuard guard(param.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  float* p = param.data_ptr<float>();
-  const float* g = grad.data_ptr<float>();
-  float* m = exp_avg.data_ptr<float>();
-  float* v = exp_avg_sq.data_ptr<float>();
-  const int64_t n = param.numel();
+// Enough blocks to cover the buffer, at most a full wave (2048 threads per SM).
+template <bool kWeightDecay>
+void launch_typed(float* p, const float* g, float* m, float* v, int64_t n, float* step,
+                  unsigned int* sync, const AdamHyper& h, int sms, cudaStream_t stream) {
   const bool vec4 = aligned16(p) && aligned16(g) && aligned16(m) && aligned16(v);
   const int64_t work = vec4 ? (n + 3) / 4 : n;
-  const int sms = multiprocessor_count(param.get_device());
   const int64_t max_blocks = static_cast<int64_t>(sms) * (2048 / kThreads);
-  const int blocks =
-      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, max_blocks)));
-  unsigned int* sync_ptr =
-      sync.has_value() ? reinterpret_cast<unsigned int*>(sync->data_ptr<int32_t>()) : nullptr;
-  const AdamHyper h{lr, beta1, beta2, eps, weight_decay};
-  float* step_ptr = step.data_ptr<float>();
-#define FASTDCGAN_LAUNCH(WD, VEC)                                                       \
-  adam_kernel<WD, VEC><<<blocks, kThreads, 0, stream>>>(p, g, m, v, n, step_ptr, sync_ptr, h)
-  if (weight_decay != 0.0) {
-    if (vec4) FASTDCGAN_LAUNCH(true, true); else FASTDCGAN_LAUNCH(true, false);
-  } else {
-    if (vec4) FASTDCGAN_LAUNCH(false, true); else FASTDCGAN_LAUNCH(false, false);
-  }
-#undef FASTDCGAN_LAUNCH
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (sync_ptr == nullptr) {
-    increment_step_kernel<<<1, 1, 0, stream>>>(step_ptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  const int blocks = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, max_blocks)));
+  if (vec4)
+    adam_kernel<kWeightDecay, true><<<blocks, kThreads, 0, stream>>>(p, g, m, v, n, step, sync, h);
+  else
+    adam_kernel<kWeightDecay, false><<<blocks, kThreads, 0, stream>>>(p, g, m, v, n, step, sync, h);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastdcgan, CUDA, m) { m.impl("adam_step", &adam_step_cuda); }
+cudaError_t launch_adam(float* p, const float* g, float* m, float* v, int64_t n, float* step,
+                        unsigned int* sync, const AdamHyper& h, int sms, cudaStream_t stream) {
+  if (h.weight_decay != 0.0)
+    launch_typed<true>(p, g, m, v, n, step, sync, h, sms, stream);
+  else
+    launch_typed<false>(p, g, m, v, n, step, sync, h, sms, stream);
+  cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess && sync == nullptr) {
+    increment_step_kernel<<<1, 1, 0, stream>>>(step);
+    err = cudaGetLastError();
+  }
+  return err;
+}
 
 }  // namespace fastdcgan

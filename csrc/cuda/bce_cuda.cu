@@ -1,17 +1,14 @@
-// CUDA implementation of fastdcgan::bce_with_logits: loss and dloss/dlogits in one launch.
+// CUDA kernel of fastdcgan::bce_with_logits: loss and dloss/dlogits in one launch.
 // The logits of a GAN step are per-sample scores (B of them, a few hundred), so one block walks
 // the whole tensor (grid-stride over a single block) and reduces the loss in double: one launch,
 // no atomics, no workspace, deterministic. Fine up to ~1e5 elements; larger inputs stay correct.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+// Host side (checks, allocation, stream): ops_cuda.cpp.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
-#include "../fastdcgan.h"
+#include <type_traits>
+
+#include "launch.h"
 
 namespace fastdcgan {
 namespace {
@@ -22,7 +19,8 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     bce_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ grad,
                scalar_t* __restrict__ loss, int64_t n, double target) {
-  using acc_t = at::opmath_type<scalar_t>;
+  // fp32 math for fp32/half/bf16 (ATen's opmath type), fp64 for double
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const acc_t t = static_cast<acc_t>(target);
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
   double partial = 0.0;
@@ -46,25 +44,26 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> bce_with_logits_cuda(const at::Tensor& logits, double target) {
-  check_bce_args(logits, target);
-  TORCH_INTERNAL_ASSERT(logits.device().is_cuda());
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const at::Tensor x = logits.contiguous();
-  at::Tensor grad = at::empty_like(x);
-  at::Tensor loss = at::empty({}, x.options());
-  const int64_t n = x.numel();
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bce_with_logits_cuda", [&] {
-    bce_kernel<scalar_t><<<1, kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), loss.data_ptr<scalar_t>(), n, target);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {loss, grad};
+template <typename scalar_t>
+cudaError_t launch_typed(const void* x, void* grad, void* loss, int64_t n, double target,
+                         cudaStream_t stream) {
+  bce_kernel<scalar_t><<<1, kThreads, 0, stream>>>(static_cast<const scalar_t*>(x),
+                                                   static_cast<scalar_t*>(grad),
+                                                   static_cast<scalar_t*>(loss), n, target);
+  return cudaGetLastError();
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastdcgan, CUDA, m) { m.impl("bce_with_logits", &bce_with_logits_cuda); }
+cudaError_t launch_bce(const void* logits, void* grad, void* loss, int64_t n, double target,
+                       BceDtype dtype, cudaStream_t stream) {
+  switch (dtype) {
+    case BceDtype::kFloat: return launch_typed<float>(logits, grad, loss, n, target, stream);
+    case BceDtype::kDouble: return launch_typed<double>(logits, grad, loss, n, target, stream);
+    case BceDtype::kHalf: return launch_typed<c10::Half>(logits, grad, loss, n, target, stream);
+    case BceDtype::kBFloat16: return launch_typed<c10::BFloat16>(logits, grad, loss, n, target, stream);
+  }
+  return cudaErrorInvalidValue;
+}
 
 }  // namespace fastdcgan
