@@ -64,12 +64,20 @@ class EpochBatches:
         tail = torch.cat([tail, perm[:per * self.world_size - len(tail)]])
         return tail[self.rank * per:(self.rank + 1) * per]
 
-    def next_batch(self):
-        batch = to_float(self.data.index_select(0, self.indices()))
+    def next_indices(self):
+        """Dataset indices of this rank's next batch (on the device), advancing past it."""
+        idx = self.indices()
         self.position += 1
         if self.position == self.steps_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
-        return batch
+        return idx
+
+    def gather(self, idx):
+        """The float batch (B, 3, H, W) in [-1, 1] of dataset indices `idx` (a device tensor)."""
+        return to_float(self.data.index_select(0, idx))
+
+    def next_batch(self):
+        return self.gather(self.next_indices())
 
     def __iter__(self):
         """The remaining batches of the current epoch."""
