@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One-shot GPU check (the device machine: torch 2.11 + triton 3.6, no registry): builds the
 # extension with CUDA (in the background, while the kernel tests compile and run), runs the GPU
-# tests, the benchmarks against eager PyTorch, and prints a short table last. Logs go to $OUT
-# (default ./gpu_out). Usage: bash benches/gpu_check.sh
+# tests, the whole-step comparison against the peers, a kernel-time profile of the captured step
+# and a tile sweep of the GEMM kernels, and prints a short table last. Logs go to $OUT (default
+# ./gpu_out). Usage: bash benches/gpu_check.sh   (SKIP_TUNE=1 skips the tile sweep)
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_out}
@@ -10,6 +11,7 @@ mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 step() { echo; echo "=== $* ($(date +%T))"; }
+failures() { grep -E "^(FAILED|ERROR)|^E  .*(assert|Error)" "$1" | head -${2:-30}; }
 
 step environment
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.txt"
@@ -19,33 +21,42 @@ step "build (background)"
 # In place, not `pip install -e` (its setuptools re-invokes pip with build isolation, which needs
 # a registry): the checkout is put on PYTHONPATH with kernels/ linked in as fastdcgan.kernels.
 [ -e fastdcgan/kernels ] || ln -s ../kernels fastdcgan/kernels
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$PWD:$PWD/benches${PYTHONPATH:+:$PYTHONPATH}
 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=8 \
   $py setup.py build_ext --inplace >"$OUT/build.log" 2>&1 &
 build_pid=$!
 
 step "kernel tests (parallel workers share the Triton cache)"
-timeout ${TEST_TIMEOUT:-220} $py -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} \
+timeout ${TEST_TIMEOUT:-200} $py -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} --tb=short \
   tests/test_conv_transpose_bn_act.py tests/test_conv_bn_act.py tests/test_models_triton.py \
-  2>&1 | tee "$OUT/tests_kernels.log" | tail -25
+  >"$OUT/tests_kernels.log" 2>&1
+tail -2 "$OUT/tests_kernels.log"; failures "$OUT/tests_kernels.log"
 
-step "extension"
+step "extension, training step tests"
 wait $build_pid || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; }
-grep -iE "building|cuda" "$OUT/build.log" | head -3
 $py -c "import fastdcgan._ext as e; e.load(); print('extension with CUDA:', e.with_cuda())"
-timeout 60 $py -m pytest -q -p no:cacheprovider tests/test_optim.py tests/test_loss.py 2>&1 \
-  | tee "$OUT/tests_ext.log" | tail -8
+timeout ${STEP_TEST_TIMEOUT:-150} $py -m pytest -q -p no:cacheprovider -n 4 --tb=short \
+  tests/test_optim.py tests/test_loss.py tests/test_step.py >"$OUT/tests_step.log" 2>&1
+tail -2 "$OUT/tests_step.log"; failures "$OUT/tests_step.log"
 
-step "train step"
-timeout ${STEP_TIMEOUT:-100} $py benches/step_table.py --batches 128,512 --steps 15 2>&1 \
-  | tee "$OUT/steps.md" | tail -8
+step "train step vs peers"
+timeout ${TABLE_TIMEOUT:-150} $py benches/step_table.py --batches 128,512 --steps 20 --uncaptured \
+  2>&1 | tee "$OUT/steps.md" | tail -16
 
-step layers
-timeout ${LAYER_TIMEOUT:-120} $py benches/layer_table.py --no-compile 2>&1 | tee "$OUT/layers.md" | tail -45
+step "profile of the captured step"
+for prec in bf16 fp32; do
+  timeout 60 $py benches/profile_step.py --batch 128 --precision $prec --top 14 2>&1 | tee -a "$OUT/profile.md" | tail -17
+done
+
+if [ -z "${SKIP_TUNE:-}" ]; then
+  step "GEMM tile sweep"
+  timeout ${TUNE_TIMEOUT:-120} $py benches/tune_gemm.py --batch 512 --dtype bf16 --layers ${TUNE_LAYERS:-G2,D2,D3} \
+    2>&1 | tee "$OUT/tune.md" | tail -45
+fi
 
 step "optimizer"
 timeout 45 $py -m pytest -q -p no:cacheprovider benches/bench_optim.py --benchmark-only -k cuda \
-  --benchmark-columns=median,min --benchmark-sort=name 2>&1 | tee "$OUT/optim.log" | tail -14
+  --benchmark-columns=median,min --benchmark-sort=name 2>&1 | tee "$OUT/optim.log" | tail -8
 
 step summary
 grep -hE "passed|failed|error" "$OUT"/tests_*.log | tail -4

@@ -1,29 +1,28 @@
-"""Whole training step on the GPU: the trainer's step with the fused Triton backend vs the same
-step with the eager reference backend (cuDNN), same process, same card, same batch.
+"""The whole training step on the GPU: fastdcgan (fused Triton kernels + C++ ops, captured in one
+CUDA graph; and uncaptured) against the peers of benches/peers.py, in this process on this card.
 
-    python benches/step_table.py [--batches 128,512] [--precisions fp32,bf16] [--steps 20]
+    python benches/step_table.py [--batches 128,512] [--steps 30] [--peers all|none|NAME,...]
 
-Prints a markdown table (median ms/step over --steps timed steps after 5 warm-up steps).
-The step is uncaptured (no CUDA graph yet), so at B=128 launch overhead is part of both numbers.
+Prints a markdown table: median ms/step over --steps steps (CUDA events, after warm-up), images/s
+and each case's speed relative to the best peer measured at the same batch size.
 """
 import argparse
 import statistics
-import tempfile
 
 import torch
 
-from fastdcgan.train import TrainConfig, Trainer
+from peers import PEERS, ours_step, peer_step
 
 
-def time_steps(trainer, steps):
-    for _ in range(5):
-        trainer.train_step()
+def median_ms(step, steps, warmup=5):
+    for _ in range(warmup):
+        step()
     torch.cuda.synchronize()
     times = []
     for _ in range(steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        trainer.train_step()
+        step()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
@@ -33,23 +32,32 @@ def time_steps(trainer, steps):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--batches", default="128,512")
-    p.add_argument("--precisions", default="fp32,bf16")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--peers", default="eager fp32,graph fp32,graph bf16 CL",
+                   help=f"comma-separated subset of {PEERS}, 'all' or 'none'")
+    p.add_argument("--uncaptured", action="store_true", help="also time our step without the graph")
     args = p.parse_args()
+    peers = {"all": list(PEERS), "none": []}.get(args.peers, [n for n in args.peers.split(",") if n])
     torch.backends.cudnn.benchmark = True
-    print("| case | triton ms/step | reference ms/step | speedup | triton img/s |")
-    print("|---|---|---|---|---|")
-    with tempfile.TemporaryDirectory() as out:
-        for batch in map(int, args.batches.split(",")):
-            for precision in args.precisions.split(","):
-                ms = {}
-                for backend in ("triton", "reference"):
-                    cfg = TrainConfig(num_images=2048, batch_size=batch, ngf=64, ndf=64, steps=1,
-                                      backend=backend, precision=precision, device="cuda", out=out)
-                    ms[backend] = time_steps(Trainer(cfg, progress=False), args.steps)
-                print(f"| train step B={batch} {precision} | {ms['triton']:.2f} | {ms['reference']:.2f} | "
-                      f"{ms['reference'] / ms['triton']:.2f}x | {batch / ms['triton'] * 1e3:,.0f} |",
-                      flush=True)
+    print("| case | ms/step | img/s | vs best peer |")
+    print("|---|---|---|---|")
+    for batch in map(int, args.batches.split(",")):
+        rows = {}
+        for precision in ("fp32", "bf16"):
+            rows[f"fastdcgan {precision} (CUDA graph)"] = median_ms(ours_step(batch, precision), args.steps)
+            if args.uncaptured:
+                rows[f"fastdcgan {precision} (uncaptured)"] = median_ms(
+                    ours_step(batch, precision, captured=False), args.steps)
+        peer_ms = {}
+        for name in peers:
+            try:
+                peer_ms[f"peer: {name}"] = median_ms(peer_step(name, batch), args.steps)
+            except Exception as e:  # a peer that breaks (torch.compile) is reported, not fatal
+                print(f"| peer: {name} B={batch} | failed: {type(e).__name__}: {str(e)[:120]} | | |")
+        best = min(peer_ms.values(), default=None)
+        for name, ms in {**rows, **peer_ms}.items():
+            ratio = f"{best / ms:.2f}x" if best else ""
+            print(f"| {name} B={batch} | {ms:.2f} | {batch / ms * 1e3:,.0f} | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,145 @@
+"""One DCGAN training step as pure device work (GanStep), and the same step captured once in a
+CUDA graph and replayed (CapturedStep): the trainer's fast path on a GPU.
+
+The step is the pytorch/examples loop: D on a real batch (label 1) and on G(z).detach() (label 0),
+D update; then D on the same fakes with label 1, G update. It returns its statistics as 0-d
+device tensors and never reads anything on the host, so the caller decides when to synchronise
+(the trainer reads them every --log-every steps).
+
+During the G update D's parameters are frozen: backward then skips D's weight gradients, which
+the pytorch/examples loop computes and throws away (optD.zero_grad() clears them before D's next
+update), so the updated parameters are the same with five fewer weight-gradient GEMMs per step.
+"""
+import contextlib
+import warnings
+
+import torch
+
+from fastdcgan.loss import bce_with_logits
+
+
+@contextlib.contextmanager
+def _frozen(module):
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class GanStep:
+    """`step(real, z)`: one D and one G update of (G, D) with their optimizers (FusedAdam, whose
+    zero_grad keeps gradients in place). precision "bf16" runs both networks under bf16 autocast
+    (fp32 weights, statistics and optimizer). grad_sync(optimizer), when given, runs between each
+    backward and its optimizer step (data-parallel gradient averaging)."""
+
+    def __init__(self, G, D, optG, optD, *, precision="fp32", grad_sync=None):
+        self.G, self.D, self.optG, self.optD = G, D, optG, optD
+        self.precision = precision
+        self.grad_sync = grad_sync
+        # autocast's weight-cast cache would hand tensors of one capture to the next replay's
+        # code path; without it each cast is part of the step (what a captured step needs)
+        self.autocast_cache = True
+
+    def _autocast(self, device_type):
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16",
+                              cache_enabled=self.autocast_cache)
+
+    def _update(self, opt, loss):
+        opt.zero_grad()
+        loss.backward()
+        if self.grad_sync is not None:
+            self.grad_sync(opt)
+        opt.step()
+
+    def __call__(self, real, z):
+        G, D = self.G, self.D
+        with self._autocast(real.device.type):
+            fake = G(z)
+            logits_real = D.logits(real)
+            logits_fake = D.logits(fake.detach())
+        loss_d = bce_with_logits(logits_real.float(), 1.0) + bce_with_logits(logits_fake.float(), 0.0)
+        self._update(self.optD, loss_d)
+
+        with _frozen(D), self._autocast(real.device.type):
+            logits_gen = D.logits(fake)
+        loss_g = bce_with_logits(logits_gen.float(), 1.0)
+        self._update(self.optG, loss_g)
+        return {
+            "loss_d": loss_d.detach(),
+            "loss_g": loss_g.detach(),
+            "d_x": torch.sigmoid(logits_real.detach().float()).mean(),
+            "d_g_z": torch.sigmoid(logits_fake.detach().float()).mean(),
+            "d_g_z_after": torch.sigmoid(logits_gen.detach().float()).mean(),
+        }
+
+
+class CapturedStep:
+    """GanStep on CUDA, captured in one CUDA graph after `warmup` eager steps and replayed.
+
+    Per step the host only copies the batch's dataset indices (a slice of the device-resident
+    permutation) into a static buffer and draws z into another from `noise` (the same numbers the
+    uncaptured trainer draws: randn is normal_ on an empty tensor); the graph gathers and
+    normalises the uint8 batch, runs both updates and writes the statistics. The returned dict
+    holds the graph's static output tensors: read them before the next call.
+
+    The graph keeps what it was captured with: parameters, optimizer buffers and BN statistics
+    must be updated in place (load_state_dict does), and optimizer hyperparameters are frozen
+    (FusedAdam reads lr and betas on the host at capture).
+    """
+
+    def __init__(self, step: GanStep, batches, noise, nz, *, warmup=3):
+        if batches.data.device.type != "cuda":
+            raise ValueError(f"a captured step needs the data on a CUDA device, not {batches.data.device}")
+        self.step, self.batches, self.noise = step, batches, noise
+        self.warmup = max(1, warmup)
+        device = batches.data.device
+        self.idx = torch.zeros(batches.batch_size, dtype=torch.long, device=device)
+        self.z = torch.zeros(batches.batch_size, nz, 1, 1, device=device)
+        self.graph = None
+        self.outputs = None
+        self.eager_steps = 0
+        step.autocast_cache = False
+
+    def _body(self):
+        return self.step(self.batches.gather(self.idx), self.z)
+
+    def __call__(self):
+        idx = self.batches.next_indices()
+        if idx.numel() != self.idx.numel():
+            raise ValueError(f"a captured step needs a constant batch size ({self.idx.numel()}), "
+                             f"got a batch of {idx.numel()}")
+        self.idx.copy_(idx)
+        self.z.normal_(generator=self.noise)
+        if self.eager_steps < self.warmup:
+            # warm-up on a side stream, as CUDA-graph capture wants: compiles the kernels and
+            # creates every lazily built buffer before capture
+            side = torch.cuda.Stream(device=self.idx.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.outputs = self._body()
+            torch.cuda.current_stream().wait_stream(side)
+            self.eager_steps += 1
+            return self.outputs
+        if self.graph is None:
+            self.graph = self._capture()
+        self.graph.replay()
+        return self.outputs
+
+    def _capture(self):
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with warnings.catch_warnings():
+                # the parameters were made on the default stream, capture runs on its own: the
+                # gradients still accumulate in place, in stream order
+                warnings.filterwarnings("ignore", message=".*AccumulateGrad node's stream")
+                with torch.cuda.graph(graph):
+                    self.outputs = self._body()
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"capturing the training step in a CUDA graph failed ({e}); train without capture "
+                "with --no-cuda-graph and please report this") from e
+        return graph

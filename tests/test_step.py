@@ -1,0 +1,172 @@
+"""The training step (fastdcgan.step): GanStep against the pytorch/examples loop written out with
+torch.optim.Adam and nn.BCELoss (CPU), and on a GPU the CUDA-graph-captured step against the
+uncaptured one and against the reference backend, in fp32 and bf16."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fastdcgan import Discriminator, Generator
+from fastdcgan.data import EpochBatches, load_dataset
+from fastdcgan.optim import FusedAdam
+from fastdcgan.step import CapturedStep, GanStep, _frozen
+from precision import needs_cuda, rel_err
+
+NZ = 16
+
+
+def _models(ngf, ndf, backend, device, seed=0):
+    torch.manual_seed(seed)
+    G = Generator(nz=NZ, ngf=ngf, backend=backend).to(device)
+    D = Discriminator(ndf=ndf, backend=backend).to(device)
+    return G, D
+
+
+def _batches(batch, device, n=256):
+    images = load_dataset("synthetic", size=64, n=n).images
+    return EpochBatches(images, batch, seed=0, device=device)
+
+
+def _examples_step(netG, netD, optG, optD, real, z):
+    """pytorch/examples/dcgan/main.py's loop body (sigmoid D, BCELoss, D's G-step grads kept)."""
+    criterion = nn.BCELoss()
+    b = real.shape[0]
+    netD.zero_grad()
+    err_real = criterion(netD(real), torch.full((b,), 1.0))
+    err_real.backward()
+    fake = netG(z)
+    err_fake = criterion(netD(fake.detach()), torch.full((b,), 0.0))
+    err_fake.backward()
+    optD.step()
+    netG.zero_grad()
+    err_g = criterion(netD(fake), torch.full((b,), 1.0))
+    err_g.backward()
+    optG.step()
+    return err_real + err_fake, err_g
+
+
+@pytest.mark.parametrize("optimizer, steps", [("adam", 1), ("sgd", 2)])
+def test_gan_step_matches_the_pytorch_examples_loop(optimizer, steps):
+    """Adam for one step only: its update is ~lr*sign(grad), so after that, elements whose
+    gradient is at rounding level move by a whole lr either way. SGD for two (the second sees D's
+    state after a G update with D frozen); from the third step on, rounding differences (BCE
+    from logits vs BCELoss on sigmoid) grow chaotically, with or without the freeze."""
+    G, D = _models(8, 8, "reference", "cpu")
+    Ge, De = copy.deepcopy(G), copy.deepcopy(D)
+    if optimizer == "adam":
+        opts = [FusedAdam(m.parameters()) for m in (G, D)]
+        opts_e = [torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.5, 0.999)) for m in (Ge, De)]
+    else:
+        opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (G, D)]
+        opts_e = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (Ge, De)]
+    step = GanStep(G, D, *opts)
+    batches = _batches(8, "cpu")
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        real = batches.next_batch()
+        z = torch.randn(8, NZ, 1, 1, generator=gen)
+        stats = step(real, z)
+        loss_d, loss_g = _examples_step(Ge, De, *opts_e, real, z)
+        assert stats["loss_d"].item() == pytest.approx(loss_d.item(), rel=1e-5)
+        assert stats["loss_g"].item() == pytest.approx(loss_g.item(), rel=1e-5)
+    for m, me in ((G, Ge), (D, De)):
+        for (name, a), (_, b) in zip(m.state_dict().items(), me.state_dict().items()):
+            if a.is_floating_point():
+                assert rel_err(a, b) < 1e-5, name
+            else:
+                assert torch.equal(a, b), name
+    # D was frozen for the G update only
+    assert all(p.requires_grad for p in D.parameters())
+
+
+def test_frozen_restores_requires_grad_after_an_error():
+    D = Discriminator(ndf=4)
+    with pytest.raises(KeyError):
+        with _frozen(D):
+            assert not any(p.requires_grad for p in D.parameters())
+            raise KeyError("boom")
+    assert all(p.requires_grad for p in D.parameters())
+
+
+def test_captured_step_needs_cuda_data():
+    G, D = _models(4, 4, "reference", "cpu")
+    step = GanStep(G, D, FusedAdam(G.parameters()), FusedAdam(D.parameters()))
+    with pytest.raises(ValueError, match="CUDA"):
+        CapturedStep(step, _batches(4, "cpu", n=16), torch.Generator(), NZ)
+
+
+# -- GPU: the captured step ----------------------------------------------------------------------
+
+def _setup(backend, precision, batch=64, seed=0):
+    G, D = _models(64, 64, backend, "cuda", seed)
+    step = GanStep(G, D, FusedAdam(G.parameters()), FusedAdam(D.parameters()), precision=precision)
+    return step, _batches(batch, "cuda", n=512), torch.Generator(device="cuda").manual_seed(1)
+
+
+def _params(step):
+    return [p.detach().clone() for p in (*step.G.parameters(), *step.D.parameters())]
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("precision, tol", [("fp32", 1e-3), ("bf16", 1e-2)])
+def test_captured_step_equals_uncaptured(backend, precision, tol):
+    """Same weights, batches and noise: 2 warm-up steps, capture, 3 replays vs 5 eager steps.
+    (Not bit-exact: the split-K weight gradients add their partials with atomics.)"""
+    eager, batches_e, noise_e = _setup(backend, precision)
+    ours, batches, noise = _setup(backend, precision)
+    captured = CapturedStep(ours, batches, noise, NZ, warmup=2)
+    for i in range(5):
+        z = torch.randn(64, NZ, 1, 1, device="cuda", generator=noise_e)
+        stats_e = eager(batches_e.next_batch(), z)
+        stats = captured()
+        for k in stats:
+            assert rel_err(stats[k], stats_e[k]) < tol, (i, k)
+    assert captured.graph is not None
+    for a, b in zip(_params(ours), _params(eager)):
+        assert rel_err(a, b) < tol
+    for a, b in zip(ours.G.buffers(), eager.G.buffers()):
+        assert rel_err(a, b) < tol
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision, tol", [("fp32", 3e-2), ("bf16", 1e-1)])
+def test_captured_triton_step_tracks_the_reference_backend(precision, tol):
+    """The captured fused step vs the eager cuDNN step from the same weights: the step statistics
+    agree within tol, and the parameter updates point the same way (Adam's first steps are
+    ~lr*sign(grad), so elements whose gradient is below the precision's noise may flip: compare
+    the update direction, not elementwise)."""
+    ref, batches_r, noise_r = _setup("reference", precision)
+    ours, batches, noise = _setup("triton", precision)
+    start = _params(ours)
+    captured = CapturedStep(ours, batches, noise, NZ, warmup=1)
+    for i in range(2):
+        z = torch.randn(64, NZ, 1, 1, device="cuda", generator=noise_r)
+        stats_r = ref(batches_r.next_batch(), z)
+        stats = captured()
+        for k in stats:
+            assert rel_err(stats[k], stats_r[k]) < tol, (i, k, rel_err(stats[k], stats_r[k]))
+    for p0, a, b in zip(start, _params(ours), _params(ref)):
+        da, db = (a - p0).flatten().double(), (b - p0).flatten().double()
+        cos = (da @ db / (da.norm() * db.norm())).item()
+        assert cos > 0.9, cos
+
+
+@needs_cuda
+def test_few_hundred_captured_steps_improve_the_samples(tmp_path):
+    from fastdcgan.evaluate import evaluate_generator
+    from fastdcgan.train import TrainConfig, Trainer
+
+    cfg = TrainConfig(steps=300, batch_size=128, num_images=4096, out=str(tmp_path), device="cuda",
+                      backend="triton", cuda_graph=True, sample_every=100, ckpt_every=300, log_every=20)
+    trainer = Trainer(cfg, progress=False)
+    real = trainer._real_images(512, 4)
+    before = evaluate_generator(trainer.G, real, seed=0)["swd_avg"]
+    trainer.run()
+    assert isinstance(trainer._step, CapturedStep) and trainer._step.graph is not None
+    after = evaluate_generator(trainer.G, real, seed=0)["swd_avg"]
+    rows = trainer.log_rows
+    assert len(rows) >= 15 and all(torch.isfinite(torch.tensor([r["loss_d"], r["loss_g"]])).all() for r in rows)
+    assert (tmp_path / "fake_samples_step_000300.png").exists() and (tmp_path / "losses.png").exists()
+    assert after < 0.7 * before, (before, after)
