@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One-shot GPU check (the device machine: torch 2.11 + triton 3.6, no registry): builds the
 # extension with CUDA (in the background, while the kernel tests compile and run), runs the GPU
-# tests, the whole-step comparison against the peers, a kernel-time profile of the captured step
-# and a tile sweep of the GEMM kernels, and prints a short table last. Logs go to $OUT (default
-# ./gpu_out). Usage: bash benches/gpu_check.sh   (SKIP_TUNE=1 skips the tile sweep)
+# tests, the whole-step comparison against the peers, a kernel-time profile of the captured step,
+# a tile sweep of the GEMM kernels (writing $OUT/tiles.json, then timing our step with it) and
+# prints a short table last. Logs go to $OUT (default ./gpu_out).
+# Usage: bash benches/gpu_check.sh   (SKIP_TUNE=1 skips the tile sweep)
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_out}
@@ -32,10 +33,17 @@ timeout ${TEST_TIMEOUT:-200} $py -m pytest -q -p no:cacheprovider -n ${WORKERS:-
   >"$OUT/tests_kernels.log" 2>&1
 tail -2 "$OUT/tests_kernels.log"; failures "$OUT/tests_kernels.log"
 
-step "extension, training step tests"
+step "extension; training step tests while the tile sweep's kernels compile (background)"
 wait $build_pid || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; }
 $py -c "import fastdcgan._ext as e; e.load(); print('extension with CUDA:', e.with_cuda())"
-timeout ${STEP_TEST_TIMEOUT:-150} $py -m pytest -q -p no:cacheprovider -n 4 --tb=short \
+tune_pids=()
+if [ -z "${SKIP_TUNE:-}" ]; then
+  for layer in ${TUNE_LAYERS:-G1 G2 G3 D1 D2 D3}; do for dt in bf16 fp32; do
+    timeout 240 $py benches/tune_gemm.py --compile-only --layers $layer --dtypes $dt \
+      >"$OUT/compile_${layer}_$dt.log" 2>&1 & tune_pids+=($!)
+  done; done
+fi
+timeout ${STEP_TEST_TIMEOUT:-200} $py -m pytest -q -p no:cacheprovider -n 4 --tb=short \
   tests/test_optim.py tests/test_loss.py tests/test_step.py >"$OUT/tests_step.log" 2>&1
 tail -2 "$OUT/tests_step.log"; failures "$OUT/tests_step.log"
 
@@ -49,9 +57,11 @@ for prec in bf16 fp32; do
 done
 
 if [ -z "${SKIP_TUNE:-}" ]; then
-  step "GEMM tile sweep"
-  timeout ${TUNE_TIMEOUT:-120} $py benches/tune_gemm.py --batch 512 --dtype bf16 --layers ${TUNE_LAYERS:-G2,D2,D3} \
-    2>&1 | tee "$OUT/tune.md" | tail -45
+  step "GEMM tile sweep (timed), then our step with the tuned tiles"
+  for pid in "${tune_pids[@]}"; do wait $pid; done
+  timeout ${TUNE_TIMEOUT:-150} $py benches/tune_gemm.py --write "$OUT/tiles.json" 2>&1 | tee "$OUT/tune.md" | tail -50
+  FASTDCGAN_TILES=$OUT/tiles.json timeout 90 $py benches/step_table.py --batches 128,512 --steps 20 \
+    --peers none 2>&1 | tee "$OUT/steps_tuned.md" | tail -6
 fi
 
 step "optimizer"
@@ -61,3 +71,4 @@ timeout 45 $py -m pytest -q -p no:cacheprovider benches/bench_optim.py --benchma
 step summary
 grep -hE "passed|failed|error" "$OUT"/tests_*.log | tail -4
 cat "$OUT/steps.md"
+[ -f "$OUT/steps_tuned.md" ] && { echo "with the tuned tiles:"; tail -4 "$OUT/steps_tuned.md"; }

@@ -1,11 +1,17 @@
-"""Tile sweep for the implicit-GEMM kernels at the DCGAN layer shapes: the forward GEMM as the
-chained network runs it (producer's BN-apply + activation in the prologue, BN statistics in the
-epilogue) and the split-K weight gradient, each over a few tile configurations, against cuDNN's
-convolution alone (channels_last, same dtype). Prints the time of every config and the best.
+"""Tile sweep for the implicit-GEMM kernels at the DCGAN layer shapes, writing the tile table that
+kernels/implicit_gemm.py reads (FASTDCGAN_TILES, or kernels/tiles.json).
 
-    python benches/tune_gemm.py [--batch 512] [--dtype bf16] [--layers G1,G2,G3,D1,D2,D3]
+For each layer (G1-G3, D1-D3: every GEMM-heavy layer; their forward shapes are also the other
+network's data-gradient shapes), dtype and batch (128, 512: the tuned points) it times the
+forward GEMM as the chained network runs it (producer's BN-apply + activation in the prologue,
+BN statistics in the epilogue) and the split-K weight gradient over a few tile configurations,
+keeps the fastest when it beats the heuristic by over 3%, and compares with cuDNN's convolution.
+
+    python benches/tune_gemm.py --compile-only --layers D2 --dtypes bf16   # fill the Triton cache
+    python benches/tune_gemm.py --write tiles.json                        # time, print, write
 """
 import argparse
+import json
 
 import torch
 import torch.nn.functional as F
@@ -15,16 +21,22 @@ from fastdcgan.kernels import implicit_gemm as ig
 from fastdcgan.kernels.block import _kio
 from layer_table import LAYERS
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); None = the shipped heuristic
-FWD_CONFIGS = [None, (128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 64, 64, 4, 4),
-               (64, 128, 64, 4, 4), (128, 128, 32, 8, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
-# (BLOCK_K weight rows, BLOCK_N, BLOCK_M pixels per step, num_warps, num_stages)
-WGRAD_CONFIGS = [None, (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-                 (128, 128, 32, 8, 4), (64, 64, 128, 4, 3)]
-
-
-def _bench(fn):
-    return triton.testing.do_bench(fn, warmup=10, rep=40)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# gemm: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); bf16 K rows of 64 (128 bytes), fp32 32
+FWD_CONFIGS = {
+    "bf16": [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+             (128, 128, 32, 8, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3)],
+    "fp32": [(128, 128, 32, 8, 3), (128, 128, 32, 4, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+             (64, 64, 32, 4, 4), (256, 128, 32, 8, 3), (128, 128, 16, 4, 4)],
+}
+# wgrad: (BLOCK_K weight rows, BLOCK_N, BLOCK_M pixels per step, num_warps, num_stages)
+WGRAD_CONFIGS = {
+    "bf16": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 32, 8, 4),
+             (64, 64, 128, 4, 3)],
+    "fp32": [(64, 128, 32, 8, 3), (64, 64, 64, 4, 3), (128, 64, 32, 8, 3), (32, 128, 64, 4, 3),
+             (64, 128, 64, 8, 2)],
+}
+BATCHES = (128, 512)
 
 
 def _case(layer, batch, dtype):
@@ -38,65 +50,75 @@ def _case(layer, batch, dtype):
     pro = ig.Xform(torch.rand(cin, device="cuda") + 0.5, torch.randn(cin, device="cuda") * 0.1, 1, 0.0)
     dy = torch.randn(batch, oh, oh, cout, generator=g).to("cuda", dtype)
     bwd = ig.BwdOperand(dy, torch.randn_like(dy), None, None, None, None, None, 0, 0.0)
+    m_rows = batch * geom.mh * geom.mw * geom.phases
+    keys = {"gemm": ig.tile_key("gemm", geom, cin, cout, m_rows, dtype),
+            "wgrad": ig.tile_key("wgrad", geom, cin, cout, m_rows, dtype)}
+    runs = {"gemm": lambda: ig.conv_gemm(x, wp, geom, cout, pro=pro, stats=1),
+            "wgrad": lambda: ig.conv_wgrad(x, pro, bwd, geom)}
     xn = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
     wc = w.to(dtype).contiguous(memory_format=torch.channels_last)
     conv = F.conv_transpose2d if transposed else F.conv2d
     cudnn = lambda: conv(xn, wc, stride=stride, padding=pad)  # noqa: E731
-    return geom, x, wp, pro, bwd, cout, cudnn
+    return keys, runs, cudnn
 
 
-def sweep(layer, batch, dtype):
-    geom, x, wp, pro, bwd, cout, cudnn = _case(layer, batch, dtype)
-    heuristic = (ig.gemm_tiles, ig.wgrad_tiles)
-    rows = []
-    try:
-        for cfg in FWD_CONFIGS:
+def sweep(layer, batch, dname, compile_only):
+    """{kind: [(config or None for the heuristic, ms or error name)]}, cuDNN ms, keys."""
+    keys, runs, cudnn = _case(layer, batch, DTYPES[dname])
+    table = ig.tile_table()
+    results = {}
+    for kind, configs in (("gemm", FWD_CONFIGS[dname]), ("wgrad", WGRAD_CONFIGS[dname])):
+        saved = table.pop(keys[kind], None)
+        rows = []
+        for cfg in [None, *configs]:
             if cfg is not None:
-                bm, bn, bk, w, s = cfg
-                ig.gemm_tiles = lambda *a, **k: (bm, bk, x.shape[-1] % bk == 0, [(bn, w, s)])
-            else:
-                ig.gemm_tiles = heuristic[0]
+                table[keys[kind]] = list(cfg)
             try:
-                rows.append(("fwd", cfg, _bench(lambda: ig.conv_gemm(x, wp, geom, cout, pro=pro, stats=1))))
+                runs[kind]()
+                ms = 0.0 if compile_only else triton.testing.do_bench(runs[kind], warmup=5, rep=30)
             except Exception as e:  # out of shared memory / registers: report and go on
-                rows.append(("fwd", cfg, f"{type(e).__name__}"))
-        ig.gemm_tiles = heuristic[0]
-        if not (geom.phw == 4):   # G0's wgrad is a plain [nz x B] @ [B x 16 Cout]: not swept
-            for cfg in WGRAD_CONFIGS:
-                if cfg is not None:
-                    bk, bn, bm, w, s = cfg
-                    ig.wgrad_tiles = lambda m, cin, co, dt: (bk, cin % bk == 0, bn, [(bm, w, s)])
-                else:
-                    ig.wgrad_tiles = heuristic[1]
-                try:
-                    rows.append(("wgrad", cfg, _bench(lambda: ig.conv_wgrad(x, pro, bwd, geom))))
-                except Exception as e:
-                    rows.append(("wgrad", cfg, f"{type(e).__name__}"))
-    finally:
-        ig.gemm_tiles, ig.wgrad_tiles = heuristic
-    return rows, _bench(cudnn)
+                ms = type(e).__name__
+            rows.append((cfg, ms))
+            table.pop(keys[kind], None)
+        if saved is not None:
+            table[keys[kind]] = saved
+        results[kind] = rows
+    cudnn_ms = 0.0 if compile_only else triton.testing.do_bench(cudnn, warmup=5, rep=30)
+    return results, cudnn_ms, keys
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--batch", type=int, default=512)
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--layers", default="G1,G2,G3,D1,D2,D3")
+    p.add_argument("--dtypes", default="bf16,fp32")
+    p.add_argument("--compile-only", action="store_true", help="run each config once (fills the cache)")
+    p.add_argument("--write", default=None, help="write the winning tiles (JSON) here")
     args = p.parse_args()
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    wanted = args.layers.split(",")
-    print("| layer | kernel | config (BM,BN,BK,w,s / wgrad BK,BN,BM,w,s) | ms | vs cuDNN conv fwd |")
-    print("|---|---|---|---|---|")
-    for layer in LAYERS:
-        if layer[0].split()[0] not in wanted:
-            continue
-        rows, cudnn_ms = sweep(layer, args.batch, dtype)
-        for kind, cfg, ms in rows:
-            shown = f"{ms:.3f}" if isinstance(ms, float) else ms
-            ratio = f"{cudnn_ms / ms:.2f}x" if isinstance(ms, float) else ""
-            print(f"| {layer[0]} B={args.batch} {args.dtype} | {kind} | {cfg or 'heuristic'} | {shown} | {ratio} |",
-                  flush=True)
-        print(f"| {layer[0]} B={args.batch} {args.dtype} | cuDNN conv fwd | | {cudnn_ms:.3f} | |", flush=True)
+    layers = [l for l in LAYERS if l[0].split()[0] in args.layers.split(",")]
+    best = {}
+    if not args.compile_only:
+        print("| layer | kernel | heuristic ms | best ms | best config | speedup | cuDNN conv fwd ms |")
+        print("|---|---|---|---|---|---|---|")
+    for dname in args.dtypes.split(","):
+        for layer in layers:
+            for batch in BATCHES:
+                results, cudnn_ms, keys = sweep(layer, batch, dname, args.compile_only)
+                if args.compile_only:
+                    continue
+                for kind, rows in results.items():
+                    timed = [(cfg, ms) for cfg, ms in rows if isinstance(ms, float)]
+                    heur = dict(rows).get(None)
+                    cfg, ms = min(timed, key=lambda r: r[1])
+                    if cfg is not None and isinstance(heur, float) and ms < 0.97 * heur:
+                        best[keys[kind]] = list(cfg)
+                    heur_s = f"{heur:.3f}" if isinstance(heur, float) else heur
+                    gain = f"{heur / ms:.2f}x" if isinstance(heur, float) else ""
+                    print(f"| {layer[0]} B={batch} {dname} | {kind} | {heur_s} | {ms:.3f} | "
+                          f"{cfg or 'heuristic'} | {gain} | {cudnn_ms:.3f} |", flush=True)
+    if args.write:
+        with open(args.write, "w") as f:
+            json.dump(best, f, indent=1, sort_keys=True)
+        print(f"wrote {len(best)} tuned tiles to {args.write}")
 
 
 if __name__ == "__main__":

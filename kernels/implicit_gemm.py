@@ -21,6 +21,7 @@ Operand prologues (MODE): 0 raw; 1 a = act(x*scale + shift) (the producer's BN-a
 so a whole network runs on raw conv outputs); 2 dy = A*g*act'(y*scale + shift) + B*y + C (the BN +
 activation backward, from the saved conv output y and the incoming gradient g).
 """
+import json
 import os
 from dataclasses import dataclass
 
@@ -33,9 +34,10 @@ from .activations import act_grad, apply_act
 from .memory import new_empty
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Tile configs are chosen per layer shape (gemm_tiles / wgrad_tiles). FASTDCGAN_AUTOTUNE=1 lets
-# triton.autotune pick between each launch site's two candidates on the GPU (a short benchmark per
-# shape, but every candidate is one more compile of several seconds, so it is opt-in).
+# Tile configs are chosen per layer shape: from the measured tile table (tile_table) when it has
+# the shape, else by the heuristics gemm_tiles / wgrad_tiles. FASTDCGAN_AUTOTUNE=1 lets
+# triton.autotune pick between each heuristic launch site's two candidates on the GPU (a short
+# benchmark per shape, but every candidate is one more compile of seconds, so it is opt-in).
 AUTOTUNE = not INTERPRET and os.environ.get("FASTDCGAN_AUTOTUNE", "0") == "1"
 
 
@@ -424,6 +426,32 @@ def wgrad_tiles(m_rows, cin, cout, dtype):
     return bk, aligned, bn, [(64, warps, stages), (32, 4, stages)]
 
 
+# The measured tile table: {tile_key: [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages]} for
+# "gemm" keys and [BLOCK_K, BLOCK_N, BLOCK_M, num_warps, num_stages] for "wgrad" keys, written by
+# benches/tune_gemm.py on a GPU. Read from $FASTDCGAN_TILES, else tiles.json next to this file
+# when present; ignored under the interpreter. Keys carry the batch only as the power-of-two
+# bucket of the GEMM's rows, so the tuned batch sizes (128, 512) get their own tiles and other
+# batch sizes fall back to the heuristics.
+_TILE_TABLE = None
+
+
+def tile_table():
+    global _TILE_TABLE
+    if _TILE_TABLE is None:
+        _TILE_TABLE = {}
+        path = os.environ.get("FASTDCGAN_TILES") or os.path.join(os.path.dirname(__file__), "tiles.json")
+        if not INTERPRET and os.path.exists(path):
+            with open(path) as f:
+                _TILE_TABLE = json.load(f)
+    return _TILE_TABLE
+
+
+def tile_key(kind, geom, cin, cout, m_rows, dtype):
+    dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+    return (f"{kind} phw{geom.phw} t{geom.t} {geom.ih}x{geom.iw}->{geom.oh}x{geom.ow} "
+            f"{cin}->{cout} rows{triton.next_power_of_2(m_rows)} {dt}")
+
+
 _TUNED = {}
 
 
@@ -487,8 +515,13 @@ def conv_gemm(x, wp, geom, cout, *, pro=None, bwd=None, store_y=True, epi=None, 
     nb, ih, iw, cin = src.shape
     dev, dtype = src.device, src.dtype
     m = nb * geom.mh * geom.mw
-    bm, bk, aligned, cands = gemm_tiles(m * geom.phases, geom.mh * geom.mw * geom.phases, cin, cout,
-                                        dtype)
+    tuned = tile_table().get(tile_key("gemm", geom, cin, cout, m * geom.phases, dtype))
+    if tuned:
+        bm, bn, bk, warps, stages = tuned
+        aligned, cands = cin % bk == 0, [(bn, warps, stages)]
+    else:
+        bm, bk, aligned, cands = gemm_tiles(m * geom.phases, geom.mh * geom.mw * geom.phases, cin,
+                                            cout, dtype)
     n_mt = triton.cdiv(m, bm)
     shape = (nb, geom.oh, geom.ow, cout)
     y = new_empty(shape, dev, dtype) if store_y else None
@@ -546,7 +579,12 @@ def conv_wgrad(x, pro, bwd, geom):
     dev, dtype = x.device, x.dtype
     m = nb * geom.mh * geom.mw
     ktot = geom.t * geom.t * cin
-    bk, aligned, bn, cands = wgrad_tiles(m * geom.phases, cin, cout, dtype)
+    tuned = tile_table().get(tile_key("wgrad", geom, cin, cout, m * geom.phases, dtype))
+    if tuned:
+        bk, bn, bm, warps, stages = tuned
+        aligned, cands = cin % bk == 0, [(bm, warps, stages)]
+    else:
+        bk, aligned, bn, cands = wgrad_tiles(m * geom.phases, cin, cout, dtype)
     tiles_kn = triton.cdiv(ktot, bk) * triton.cdiv(cout, bn) * geom.phases
     # split the pixel reduction so that the grid has ~2 programs per SM, >= 256 rows per slice
     # (interpreter: 2 slices whenever possible, to exercise the split and the atomics)
