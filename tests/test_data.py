@@ -294,3 +294,22 @@ def test_load_dataset(tree):
     assert isinstance(data.load_dataset("synthetic", size=32, n=8, crop=None), SyntheticFaces)
     ds = data.load_dataset(tree, size=16, workers=1, crop=None, n=20000)
     assert isinstance(ds, ImageFolderFaces) and len(ds) == len(NAMES)
+
+
+@pytest.mark.parametrize("shape, batch", [((40, 64, 64, 3), 7), ((9, 5, 3, 3), 4)])  # odd: 45 bytes
+def test_gather_normalize_kernel_matches_eager(shape, batch):
+    """The trainer's fused gather (Triton; interpreter on CPU) is bit-identical to index_select +
+    to_float, in channels_last layout, for every uint8 value and odd image sizes."""
+    from fastdcgan.kernels.gather import gather_normalize
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g).to(dev)
+    first = images[0].view(-1)   # every uint8 value appears (the first image is big enough)
+    first[:256] = torch.arange(min(256, first.numel()), dtype=torch.uint8, device=dev)
+    idx = torch.randint(0, shape[0], (batch,), generator=g).to(dev)
+    idx[0] = 0
+    out = gather_normalize(images, idx)
+    assert out.shape == (batch, shape[3], shape[1], shape[2])
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, to_float(images.index_select(0, idx)))

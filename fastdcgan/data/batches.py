@@ -73,7 +73,12 @@ class EpochBatches:
         return idx
 
     def gather(self, idx):
-        """The float batch (B, 3, H, W) in [-1, 1] of dataset indices `idx` (a device tensor)."""
+        """The float batch (B, 3, H, W) in [-1, 1] of dataset indices `idx` (a device tensor).
+        On CUDA one fused gather+normalise kernel (channels_last output), else eager ops."""
+        if self.data.is_cuda and self.data.is_contiguous():
+            from fastdcgan.kernels.gather import gather_normalize
+
+            return gather_normalize(self.data, idx)
         return to_float(self.data.index_select(0, idx))
 
     def next_batch(self):
