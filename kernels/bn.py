@@ -13,6 +13,10 @@ Backward (per channel, M = N*H*W, xhat = (y-mean)*rstd, dz = g*act'(z)):
 The per-tile sums come from `bn_bwd_reduce` (or from a dgrad GEMM epilogue in the chained
 network); `bn_bwd_finalize` reduces them and emits dgamma, dbeta, A, B, C, which the dgrad /
 wgrad GEMM prologues apply as they load dy. In eval mode B = C = 0.
+
+Sync BN (several processes, one global batch): both finalizes only merge partial rows, so
+`set_partials_sync` installs a gather that concatenates the rows of every process before they run;
+the result is the global batch's statistics exactly (see bn_bwd_finalize for its dgamma/dbeta).
 """
 import triton
 import triton.language as tl
@@ -29,6 +33,18 @@ FIN_BLOCK_T, FIN_BLOCK_C = 128, 32
 # serial walk over it) stays small.
 EW_BLOCK_R, EW_BLOCK_C = 64, 64
 RED_ROWS = 512
+
+# Process-wide sync-BN hook (None: per-process statistics). See set_partials_sync.
+_partials_sync = None
+
+
+def set_partials_sync(sync):
+    """Installs `sync`, or removes the hook with None. `sync.world_size` is the number of
+    processes and `sync.gather(tensors)` returns each tensor's rows from every process,
+    concatenated along dim 0 (every process calls it with the same shapes, i.e. the same
+    per-process batch). Used by fastdcgan.distributed.use_sync_batchnorm."""
+    global _partials_sync
+    _partials_sync = sync
 
 
 @triton.jit
@@ -164,6 +180,8 @@ def bn_finalize(partials, gamma, beta, running_mean, running_var, *, training, m
     mean, rstd, scale, shift = (new_empty((c,), dev) for _ in range(4))
     update = training and running_mean is not None
     if training:
+        if _partials_sync is not None:
+            partials = _partials_sync.gather(partials)
         mean_t, m2_t, cnt = partials
         t = cnt.numel()
     else:
@@ -203,11 +221,22 @@ def bn_bwd_reduce(g, y, scale, shift, mean, rstd, act, slope):
 
 
 def bn_bwd_finalize(partials, gamma, mean, rstd, count, *, training):
-    """Returns (dgamma, dbeta, A, B, C), all fp32 [C]."""
+    """Returns (dgamma, dbeta, A, B, C), all fp32 [C]; `count` is this process's N*H*W.
+
+    With sync BN (training), A, B, C come from the global sums and count, and dgamma, dbeta are
+    this process's share of the global sums (divided by the world size): the data-parallel
+    gradient average over processes then gives the global batch's gradient."""
+    synced = training and _partials_sync is not None
+    if synced:
+        partials = _partials_sync.gather(partials)
+        count *= _partials_sync.world_size
     s0, s1 = partials
     c, dev = gamma.numel(), gamma.device
     out = [new_empty((c,), dev) for _ in range(5)]
     bn_bwd_finalize_kernel[(triton.cdiv(c, FIN_BLOCK_C),)](
         s0, s1, s0.shape[0], c, float(count), gamma, mean, rstd, *out,
         TRAINING=training, BLOCK_T=FIN_BLOCK_T, BLOCK_C=FIN_BLOCK_C)
+    if synced:
+        out[0].div_(_partials_sync.world_size)
+        out[1].div_(_partials_sync.world_size)
     return tuple(out)
