@@ -3,6 +3,9 @@
 One step is the pytorch/examples loop: D on a real batch (label 1) and on G(z).detach() (label 0),
 D update; then D on the same fakes with label 1, G update. Outputs under --out: real_samples.png,
 fake_samples_step_NNNNNN.png (fixed noise), log.csv, losses.png and checkpoint.pt.
+
+Under torchrun every rank runs the same command on its shard of each global batch (see
+fastdcgan.distributed); rank 0 alone writes the outputs.
 """
 import argparse
 import csv
@@ -17,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fastdcgan import checkpoint
+from fastdcgan import checkpoint, distributed
 from fastdcgan.images import plot_losses, save_grid
 from fastdcgan.loss import bce_with_logits
 from fastdcgan.models import BACKENDS, Discriminator, Generator, resolve_device
@@ -53,6 +56,7 @@ class TrainConfig:
     eval_every: int = 0              # steps between SWD evaluations (0: only at the end)
     eval_images: int = 1000          # real and generated images per SWD evaluation
     num_samples: int = 64            # images in the fixed-noise grid
+    sync_bn: bool = False            # BN statistics of the global batch (all ranks), not per rank
 
     # Paper setup on a GPU; on a CPU a narrower net and smaller batch so that the default run
     # finishes in minutes and still ends with recognisable faces.
@@ -101,7 +105,10 @@ MODEL_FIELDS = ("nz", "ngf", "ndf")
 
 
 class Trainer:
-    """Holds the models, optimizers, data and run state; `run()` trains to config.steps."""
+    """Holds the models, optimizers, data and run state; `run()` trains to config.steps.
+
+    In a torch.distributed process group (torchrun) each rank holds one Trainer: config.batch_size
+    is the per-rank batch, gradients are averaged over the ranks every step, rank 0 writes."""
 
     def __init__(self, config: TrainConfig | None = None, resume=None, overrides=None, progress=True):
         """A new run from `config`, or with `resume` the checkpoint's run, with `overrides`
@@ -115,17 +122,23 @@ class Trainer:
         elif overrides:
             config = dataclasses.replace(config or TrainConfig(), **overrides)
         self.config = cfg = (config or TrainConfig()).resolve()
-        self.device = torch.device(cfg.device)
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.is_main = self.rank == 0
+        self.device = torch.device(distributed.rank_device(cfg.device))
+        # Only rank 0's --out is written, so the ranks may differ there and nowhere else.
+        distributed.check_same({k: v for k, v in cfg.to_dict().items() if k != "out"}, "config")
         self.out = Path(cfg.out)
         torch.manual_seed(cfg.seed)
 
         self.dataset = load_dataset(cfg.data, size=64, crop=cfg.crop, n=cfg.num_images)
-        self.batches = EpochBatches(self.dataset.images, cfg.batch_size, seed=cfg.seed, device=self.device)
+        self.batches = EpochBatches(self.dataset.images, cfg.batch_size, seed=cfg.seed, device=self.device,
+                                    rank=self.rank, world_size=self.world_size)
         if cfg.steps is None:
             cfg.steps = max(1, math.ceil(cfg.epochs * self.batches.steps_per_epoch))
 
         self.G = Generator(nz=cfg.nz, ngf=cfg.ngf, backend=cfg.backend).to(self.device)
         self.D = Discriminator(ndf=cfg.ndf, backend=cfg.backend).to(self.device)
+        distributed.use_sync_batchnorm((self.G, self.D), cfg.sync_bn)
         betas = (cfg.beta1, cfg.beta2)
         self.optG = FusedAdam(self.G.parameters(), lr=cfg.lr, betas=betas)
         self.optD = FusedAdam(self.D.parameters(), lr=cfg.lr, betas=betas)
@@ -133,7 +146,8 @@ class Trainer:
         # cooldown (one warning of a kind per 200 steps) and warmup (no diversity check before
         # step 500: an untrained generator is not diverse yet) in steps.
         self.monitor = StabilityMonitor(window=max(2, 200 // cfg.log_every), cooldown=200)
-        # Latents come from their own generator so that a resumed run draws the same noise.
+        # Latents come from their own generator so that a resumed run draws the same noise; every
+        # rank draws the global batch's latents and keeps its slice (see train_step).
         self.noise = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.fixed_noise = torch.randn(cfg.num_samples, cfg.nz, 1, 1, device=self.device,
                                        generator=torch.Generator(device=self.device).manual_seed(cfg.seed + 2))
@@ -183,11 +197,28 @@ class Trainer:
         self.optG.load_state_dict(ckpt["optG"])
         self.optD.load_state_dict(ckpt["optD"])
         self.step = int(ckpt["step"])
-        self.batches.load_state_dict(ckpt["batches"])
+        self.batches.load_state_dict(self._batch_state(ckpt["batches"]))
         torch.set_rng_state(ckpt["rng"]["torch"])
         self.noise.set_state(ckpt["rng"]["noise"])
         self.fixed_noise = ckpt["fixed_noise"].to(self.device)
         self.log_rows = list(ckpt.get("log", []))
+
+    def _batch_state(self, saved):
+        """The checkpoint's data position for this run's global batch (batch_size x world size).
+        When that changed (another world size or batch size), the run resumes in the same epoch
+        at the last whole new global batch within the images already seen: none is skipped."""
+        if saved["global_batch"] == self.batches.global_batch:
+            return saved
+        seen = saved["position"] * saved["global_batch"]
+        epoch, position = saved["epoch"], seen // self.batches.global_batch
+        if position >= self.batches.steps_per_epoch:
+            epoch, position = epoch + 1, 0
+        if self.is_main:
+            print(f"note: the checkpoint's global batch was {saved['global_batch']}, now "
+                  f"{self.batches.global_batch}: resuming at epoch {epoch}, image "
+                  f"{position * self.batches.global_batch} (the checkpoint was at epoch "
+                  f"{saved['epoch']}, image {seen})", file=sys.stderr)
+        return {**saved, "epoch": epoch, "position": position, "global_batch": self.batches.global_batch}
 
     def save_checkpoint(self):
         path = self.out / "checkpoint.pt"
@@ -203,7 +234,9 @@ class Trainer:
         """One D update and one G update; returns the step's statistics as 0-d tensors."""
         cfg = self.config
         real = self.batches.next_batch()
-        z = torch.randn(real.shape[0], cfg.nz, 1, 1, device=self.device, generator=self.noise)
+        n = real.shape[0]
+        z = torch.randn(n * self.world_size, cfg.nz, 1, 1, device=self.device, generator=self.noise)
+        z = z[self.rank * n:(self.rank + 1) * n]
         with self._autocast():
             fake = self.G(z)
             logits_real = self.D.logits(real)
@@ -211,6 +244,7 @@ class Trainer:
         loss_d = bce_with_logits(logits_real.float(), 1.0) + bce_with_logits(logits_fake.float(), 0.0)
         self.optD.zero_grad()
         loss_d.backward()
+        distributed.average_gradients(self.optD)
         self.optD.step()
 
         with self._autocast():
@@ -218,6 +252,7 @@ class Trainer:
         loss_g = bce_with_logits(logits_gen.float(), 1.0)
         self.optG.zero_grad()
         loss_g.backward()
+        distributed.average_gradients(self.optG)
         self.optG.step()
         self.step += 1
         return {
@@ -258,6 +293,8 @@ class Trainer:
         return result
 
     def _warn(self, messages):
+        if not self.is_main:  # every rank sees the same (rank-averaged) numbers
+            return
         for msg in messages:
             tqdm.write(f"warning: {msg}", file=sys.stderr)
             with open(self.out / "warnings.log", "a") as f:
@@ -275,55 +312,67 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------
     def run(self):
         cfg = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.real_grid = self._real_images(cfg.num_samples, 3)
-        self.real_eval = None
-        real_path = self.out / "real_samples.png"
-        if not real_path.exists():
-            save_grid(self.real_grid, real_path)
+        if self.is_main:  # only rank 0 writes files
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.real_grid = self._real_images(cfg.num_samples, 3)
+            self.real_eval = None
+            real_path = self.out / "real_samples.png"
+            if not real_path.exists():
+                save_grid(self.real_grid, real_path)
+        if self.world_size > 1 and self.is_main:
+            print(f"{self.world_size} ranks x batch {cfg.batch_size} = global batch "
+                  f"{self.batches.global_batch}", file=sys.stderr)
         stop = _StopRequest()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True,
-                   desc=f"{cfg.device} {cfg.backend} {cfg.precision}")
-        t0, stats = time.perf_counter(), None
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.progress and self.is_main),
+                   dynamic_ncols=True, desc=f"{cfg.device} {cfg.backend} {cfg.precision}")
+        t0, stats, stopping = time.perf_counter(), None, False
         try:
             with stop:
-                while self.step < cfg.steps and not stop.requested:
+                while self.step < cfg.steps and not stopping:
                     stats = self.train_step()
                     sample = self.step % cfg.sample_every == 0
                     save = self.step % cfg.ckpt_every == 0
                     evaluate = cfg.eval_every and self.step % cfg.eval_every == 0
                     # Reading the losses checks them: never sample or save a non-finite state.
-                    if sample or save or evaluate or self.step % cfg.log_every == 0:
+                    logged = sample or save or evaluate or self.step % cfg.log_every == 0
+                    if logged:
                         self._log(stats, time.perf_counter() - t0, bar)
-                    if evaluate:
-                        self.evaluate()
-                    if sample:
-                        self.write_samples()
-                        self._write_log()
-                    if save:
-                        self.save_checkpoint()
+                    # A signal may reach the ranks a step apart: they agree on stopping where
+                    # they sync anyway (at log steps).
+                    if logged or self.world_size == 1:
+                        stopping = distributed.any_rank(stop.requested is not None)
+                    if self.is_main:
+                        if evaluate:
+                            self.evaluate()
+                        if sample:
+                            self.write_samples()
+                            self._write_log()
+                        if save:
+                            self.save_checkpoint()
                     bar.update(1)
         finally:
             bar.close()
         if stats is not None and self.log_rows[-1:] and self.log_rows[-1]["step"] != self.step:
             self._log(stats, time.perf_counter() - t0, None)
-        if stats is not None and cfg.eval_every and self.log_rows[-1]["swd"] == "":
-            self.evaluate()
-        # The last step may have written its grid and checkpoint already; a run that took no
-        # step (resumed at its end) still leaves both in --out.
-        if stats is None or self.step % cfg.sample_every:
-            self.write_samples()
-        self._write_log()
         path = self.out / "checkpoint.pt"
-        if stats is None or self.step % cfg.ckpt_every:
-            path = self.save_checkpoint()
-        if stop.requested:
-            print(f"stopped by {stop.requested} at step {self.step}; checkpoint saved to {path}; "
-                  f"continue with --resume {path}", file=sys.stderr)
+        if self.is_main:
+            if stats is not None and cfg.eval_every and self.log_rows[-1]["swd"] == "":
+                self.evaluate()
+            # The last step may have written its grid and checkpoint already; a run that took no
+            # step (resumed at its end) still leaves both in --out.
+            if stats is None or self.step % cfg.sample_every:
+                self.write_samples()
+            self._write_log()
+            if stats is None or self.step % cfg.ckpt_every:
+                path = self.save_checkpoint()
+        distributed.barrier()  # every rank returns once the final checkpoint is on disk
+        if stopping and self.is_main:
+            print(f"stopped by {stop.requested or 'a signal to another rank'} at step {self.step}; "
+                  f"checkpoint saved to {path}; continue with --resume {path}", file=sys.stderr)
         return path
 
     def _log(self, stats, seconds, bar):
-        values = {k: float(v) for k, v in stats.items()}  # one host sync per log interval
+        values = distributed.mean_over_ranks(stats)  # one host sync per log interval
         self._warn(self.monitor.update(self.step, values["loss_d"], values["loss_g"], values["d_x"],
                                        values["d_g_z"]))
         row = {"step": self.step, "epoch": self.batches.epoch, **values, "seconds": round(seconds, 3),
@@ -383,7 +432,8 @@ def build_parser():
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, default=None, help="total training steps")
     g.add_argument("--epochs", "--niter", dest="epochs", type=float, default=None, help="epochs over the data")
-    a("--batch-size", "--batchSize", dest="batch_size", type=int, default=None)
+    a("--batch-size", "--batchSize", dest="batch_size", type=int, default=None,
+      help="per rank: under torchrun the global batch is this x the number of ranks")
     a("--lr", type=float, default=2e-4)
     a("--beta1", type=float, default=0.5)
     a("--beta2", type=float, default=0.999)
@@ -404,6 +454,12 @@ def build_parser():
     a("--eval-every", type=int, default=0,
       help="steps between SWD evaluations against real images (logged, plotted); 0: never")
     a("--eval-images", type=int, default=1000, help="images per SWD evaluation")
+    a("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
+      help="under torchrun, BatchNorm statistics of the global batch (all-reduced every layer) "
+           "instead of each rank's own; a single process has nothing to sync (no effect)")
+    a("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT_S, metavar="SECONDS",
+      help="under torchrun, the longest any rank waits for the others (rendezvous, each "
+           "all-reduce, rank 0's sample/checkpoint writes) before it exits with an error")
     a("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -412,18 +468,26 @@ def main(argv=None):
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     resume, progress = args.pop("resume"), not args.pop("no_progress")
+    dist_timeout = args.pop("dist_timeout")
     # What the user typed (not argparse defaults) is what overrides a resumed run's config.
     overrides = {k: v for k, v in _typed_args(argv).items() if k in args}
     try:
+        distributed.init_from_env(dist_timeout)
         if resume:
             trainer = train(resume=resume, overrides=overrides, progress=progress)
         else:
             trainer = train(TrainConfig(**args), progress=progress)
-    except (ValueError, FileNotFoundError, NonFiniteError) as e:
+    except distributed.PeerFailure as e:  # the group is broken: leave without tearing it down
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"trained {trainer.step} steps; samples, log.csv, losses.png and checkpoint.pt in "
-          f"{trainer.config.out}")
+    except (ValueError, FileNotFoundError, NonFiniteError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        distributed.shutdown()
+        return 1
+    distributed.shutdown()
+    if trainer.is_main:
+        print(f"trained {trainer.step} steps; samples, log.csv, losses.png and checkpoint.pt in "
+              f"{trainer.config.out}")
     return 0
 
 
