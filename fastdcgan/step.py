@@ -91,14 +91,18 @@ class CapturedStep:
     (FusedAdam reads lr and betas on the host at capture).
     """
 
-    def __init__(self, step: GanStep, batches, noise, nz, *, warmup=3):
+    def __init__(self, step: GanStep, batches, noise, nz, *, rank=0, world_size=1, warmup=3):
         if batches.data.device.type != "cuda":
             raise ValueError(f"a captured step needs the data on a CUDA device, not {batches.data.device}")
         self.step, self.batches, self.noise = step, batches, noise
         self.warmup = max(1, warmup)
         device = batches.data.device
-        self.idx = torch.zeros(batches.batch_size, dtype=torch.long, device=device)
-        self.z = torch.zeros(batches.batch_size, nz, 1, 1, device=device)
+        n = batches.batch_size
+        self.idx = torch.zeros(n, dtype=torch.long, device=device)
+        # every rank draws the global batch's latents (the same stream on every rank) and uses
+        # its slice, as the uncaptured trainer does
+        self.z_all = torch.zeros(n * world_size, nz, 1, 1, device=device)
+        self.z = self.z_all[rank * n:(rank + 1) * n]
         self.graph = None
         self.outputs = None
         self.eager_steps = 0
@@ -113,7 +117,7 @@ class CapturedStep:
             raise ValueError(f"a captured step needs a constant batch size ({self.idx.numel()}), "
                              f"got a batch of {idx.numel()}")
         self.idx.copy_(idx)
-        self.z.normal_(generator=self.noise)
+        self.z_all.normal_(generator=self.noise)
         if self.eager_steps < self.warmup:
             # warm-up on a side stream, as CUDA-graph capture wants: compiles the kernels and
             # creates every lazily built buffer before capture

@@ -22,10 +22,10 @@ from tqdm import tqdm
 
 from fastdcgan import checkpoint, distributed
 from fastdcgan.images import plot_losses, save_grid
-from fastdcgan.loss import bce_with_logits
 from fastdcgan.models import BACKENDS, Discriminator, Generator, resolve_device
 from fastdcgan.monitor import NonFiniteError, StabilityMonitor
 from fastdcgan.optim import FusedAdam
+from fastdcgan.step import CapturedStep, GanStep
 
 LOG_FIELDS = ("step", "epoch", "loss_d", "loss_g", "d_x", "d_g_z", "d_g_z_after", "seconds", "swd")
 
@@ -57,6 +57,7 @@ class TrainConfig:
     eval_images: int = 1000          # real and generated images per SWD evaluation
     num_samples: int = 64            # images in the fixed-noise grid
     sync_bn: bool = False            # BN statistics of the global batch (all ranks), not per rank
+    cuda_graph: bool | None = None   # capture the step in a CUDA graph (None: on CUDA devices)
 
     # Paper setup on a GPU; on a CPU a narrower net and smaller batch so that the default run
     # finishes in minutes and still ends with recognisable faces.
@@ -87,6 +88,8 @@ class TrainConfig:
             raise ValueError("give --steps or --epochs, not both")
         if self.eval_every < 0:
             raise ValueError(f"--eval-every must be >= 0, got {self.eval_every}")
+        if self.cuda_graph and not str(self.device).startswith("cuda"):
+            raise ValueError(f"--cuda-graph needs a CUDA device, got --device {self.device}")
         for name in ("batch_size", "nz", "ngf", "ndf", "sample_every", "ckpt_every", "log_every",
                      "num_samples", "num_images", "eval_images"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
@@ -155,6 +158,12 @@ class Trainer:
         self.log_rows = []
         if ckpt is not None:
             self._restore(ckpt, resume)
+        self.gan_step = GanStep(self.G, self.D, self.optG, self.optD, precision=cfg.precision,
+                                grad_sync=distributed.average_gradients)
+        self._step = self._eager_step
+        if cfg.cuda_graph if cfg.cuda_graph is not None else self.device.type == "cuda":
+            self._step = CapturedStep(self.gan_step, self.batches, self.noise, cfg.nz,
+                                      rank=self.rank, world_size=self.world_size)
 
     # ---- state -------------------------------------------------------------------------------
     @staticmethod
@@ -172,7 +181,9 @@ class Trainer:
         merged.update(overrides)
         if "steps" in overrides:
             merged["epochs"] = None
-        elif "epochs" in overrides:
+        elif "epochs" in overrides or merged.get("epochs") is not None:
+            # an --epochs run also saved the step count derived from it: derive it again (the
+            # data or the world size may have changed)
             merged["steps"] = None
         return TrainConfig(**merged)
 
@@ -226,42 +237,19 @@ class Trainer:
         return path
 
     # ---- one step ----------------------------------------------------------------------------
-    def _autocast(self):
-        enabled = self.config.precision == "bf16"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
-
     def train_step(self):
-        """One D update and one G update; returns the step's statistics as 0-d tensors."""
-        cfg = self.config
+        """One D update and one G update; returns the step's statistics as 0-d device tensors
+        (with a captured step: the graph's output buffers, valid until the next step)."""
+        stats = self._step()
+        self.step += 1
+        return stats
+
+    def _eager_step(self):
         real = self.batches.next_batch()
         n = real.shape[0]
-        z = torch.randn(n * self.world_size, cfg.nz, 1, 1, device=self.device, generator=self.noise)
-        z = z[self.rank * n:(self.rank + 1) * n]
-        with self._autocast():
-            fake = self.G(z)
-            logits_real = self.D.logits(real)
-            logits_fake = self.D.logits(fake.detach())
-        loss_d = bce_with_logits(logits_real.float(), 1.0) + bce_with_logits(logits_fake.float(), 0.0)
-        self.optD.zero_grad()
-        loss_d.backward()
-        distributed.average_gradients(self.optD)
-        self.optD.step()
-
-        with self._autocast():
-            logits_gen = self.D.logits(fake)
-        loss_g = bce_with_logits(logits_gen.float(), 1.0)
-        self.optG.zero_grad()
-        loss_g.backward()
-        distributed.average_gradients(self.optG)
-        self.optG.step()
-        self.step += 1
-        return {
-            "loss_d": loss_d.detach(),
-            "loss_g": loss_g.detach(),
-            "d_x": torch.sigmoid(logits_real.detach().float()).mean(),
-            "d_g_z": torch.sigmoid(logits_fake.detach().float()).mean(),
-            "d_g_z_after": torch.sigmoid(logits_gen.detach().float()).mean(),
-        }
+        # every rank draws the global batch's latents and keeps its slice
+        z = torch.randn(n * self.world_size, self.config.nz, 1, 1, device=self.device, generator=self.noise)
+        return self.gan_step(real, z[self.rank * n:(self.rank + 1) * n])
 
     # ---- outputs -----------------------------------------------------------------------------
     def _real_images(self, num, seed_offset):
@@ -460,6 +448,9 @@ def build_parser():
     a("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT_S, metavar="SECONDS",
       help="under torchrun, the longest any rank waits for the others (rendezvous, each "
            "all-reduce, rank 0's sample/checkpoint writes) before it exits with an error")
+    a("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+      help="capture the whole training step in one CUDA graph and replay it (default: on CUDA); "
+           "--no-cuda-graph runs it op by op")
     a("--no-progress", action="store_true", help="no progress bar")
     return p
 

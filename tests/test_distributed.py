@@ -47,18 +47,16 @@ def _state(trainer, **extra):
 def _per_rank_bn(rank, tmp):
     """STEPS steps with per-rank BN; D's gradient right after the first all-reduce is kept."""
     trainer = Trainer(_config(tmp, f"per_rank_out{rank}"), progress=False)
-    average, first_d_grad = distributed.average_gradients, []
+    average, first_d_grad = trainer.gan_step.grad_sync, []
+    assert average is distributed.average_gradients
 
     def recording(opt):
         average(opt)
         if opt is trainer.optD and not first_d_grad:
             first_d_grad.extend(p.grad.clone() for p in trainer.D.parameters())
 
-    distributed.average_gradients = recording
-    try:
-        trainer.run()
-    finally:
-        distributed.average_gradients = average
+    trainer.gan_step.grad_sync = recording
+    trainer.run()
     return _state(trainer, first_d_grad=first_d_grad)
 
 

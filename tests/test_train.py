@@ -76,6 +76,27 @@ def test_resume_cli_keeps_the_checkpoint_config(tmp_path):
         Trainer(resume=out / "checkpoint.pt", overrides={"ngf": 16})
 
 
+def test_an_epochs_run_resumes_without_flags(tmp_path):
+    """The checkpoint of an --epochs run holds the derived step count too; a resume without
+    --steps/--epochs derives it again instead of refusing "both"."""
+    first = train(TrainConfig(epochs=0.5, out=str(tmp_path), **TINY), progress=False)
+    assert first.step == 3   # 48 images / batch 8 = 6 steps per epoch
+    again = Trainer(resume=tmp_path / "checkpoint.pt", progress=False)
+    assert again.config.steps == 3 and again.config.epochs == 0.5
+    longer = train(resume=tmp_path / "checkpoint.pt", overrides={"epochs": 1.0}, progress=False)
+    assert longer.step == 6
+
+
+def test_cuda_graph_flag(tmp_path, capsys):
+    with pytest.raises(ValueError, match="--cuda-graph needs a CUDA device"):
+        TrainConfig(cuda_graph=True, device="cpu").resolve()
+    trainer = Trainer(TrainConfig(steps=1, out=str(tmp_path), **TINY), progress=False)
+    assert trainer._step == trainer._eager_step   # CPU: uncaptured by default
+    assert main(_cli(tmp_path, "--steps", "1", "--no-cuda-graph")) == 0
+    assert main(_cli(tmp_path, "--steps", "1", "--cuda-graph")) == 1
+    assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
+
+
 def test_bad_config_is_reported(tmp_path, capsys):
     assert main(_cli(tmp_path, "--steps", "2", "--batch-size", "0")) == 1
     assert "--batch-size must be positive" in capsys.readouterr().err
