@@ -30,7 +30,7 @@ def main():
     total, count = defaultdict(float), defaultdict(int)
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
-            total[ev.name] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            total[ev.name] += ev.time_range.elapsed_us()
             count[ev.name] += 1
     step_us = sum(total.values()) / args.replays
     print(f"### B={args.batch} {args.precision}: {step_us / 1e3:.3f} ms of kernel time per step, "
