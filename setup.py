@@ -90,6 +90,7 @@ setup(
     python_requires=">=3.10",
     packages=["fastdcgan", "fastdcgan.data", "fastdcgan.kernels"],
     package_dir={"fastdcgan.kernels": "kernels"},
+    package_data={"fastdcgan.kernels": ["tiles.json"]},
     install_requires=["torch>=2.4", "triton>=3.2", "numpy", "pillow", "tqdm", "matplotlib"],
     extras_require={"test": ["pytest", "pytest-benchmark", "scipy"]},
     ext_modules=extension_modules(),

@@ -429,7 +429,8 @@ def wgrad_tiles(m_rows, cin, cout, dtype):
 # The measured tile table: {tile_key: [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages]} for
 # "gemm" keys and [BLOCK_K, BLOCK_N, BLOCK_M, num_warps, num_stages] for "wgrad" keys, written by
 # benches/tune_gemm.py on a GPU. Read from $FASTDCGAN_TILES, else tiles.json next to this file
-# when present; ignored under the interpreter. Keys carry the batch only as the power-of-two
+# (measured on an H100; on another GPU its tiles are still correct, only maybe not the fastest:
+# re-run the sweep there); ignored under the interpreter. Keys carry the batch only as the power-of-two
 # bucket of the GEMM's rows, so the tuned batch sizes (128, 512) get their own tiles and other
 # batch sizes fall back to the heuristics.
 _TILE_TABLE = None
