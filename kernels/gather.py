@@ -1,7 +1,8 @@
 """The trainer's batch gather in one kernel: rows `idx` of the GPU-resident uint8 NHWC image set,
-normalised to float32 (x / 127.5 - 1, rounded exactly as the eager ops round it) and written
-NHWC, returned as an NCHW-shaped channels_last view: the layout the fused network reads as is
-(no permute copy) and cuDNN takes directly. Replaces index_select + permute/convert + div + sub.
+mapped to float32 as x * scale + shift with the eager ops' two roundings (so the multiply-add
+must not be fused into an FMA), written NHWC and returned as an NCHW-shaped channels_last view:
+the layout the fused network reads as is (no permute copy) and cuDNN takes directly. Replaces
+index_select + permute/convert + mul + add.
 """
 import torch
 import triton
@@ -13,21 +14,21 @@ BLOCK = 4096
 
 
 @triton.jit
-def gather_normalize_kernel(src_ptr, idx_ptr, out_ptr, IMAGE, BLOCK: tl.constexpr):
+def gather_normalize_kernel(src_ptr, idx_ptr, out_ptr, IMAGE, scale, shift, BLOCK: tl.constexpr):
     img = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < IMAGE
     row = tl.load(idx_ptr + img).to(tl.int64)
     v = tl.load(src_ptr + row * IMAGE + offs, mask=ok, other=0).to(tl.float32)
-    tl.store(out_ptr + img.to(tl.int64) * IMAGE + offs, tl.math.div_rn(v, 127.5) - 1.0, mask=ok)
+    tl.store(out_ptr + img.to(tl.int64) * IMAGE + offs, v * scale + shift, mask=ok)
 
 
-def gather_normalize(images_u8, idx):
+def gather_normalize(images_u8, idx, scale, shift):
     """images_u8: (N, H, W, C) uint8 on the GPU; idx: (B,) int64 indices on the same device.
-    Returns (B, C, H, W) float32 in [-1, 1], channels_last."""
+    Returns (B, C, H, W) float32 images[idx] * scale + shift, channels_last."""
     n, h, w, c = images_u8.shape
     out = torch.empty(idx.numel(), h, w, c, device=images_u8.device)
     image = h * w * c
-    gather_normalize_kernel[(idx.numel(), triton.cdiv(image, BLOCK))](images_u8, idx, out, image,
-                                                                      BLOCK=BLOCK)
+    gather_normalize_kernel[(idx.numel(), triton.cdiv(image, BLOCK))](
+        images_u8, idx, out, image, float(scale), float(shift), BLOCK=BLOCK, enable_fp_fusion=False)
     return out.permute(0, 3, 1, 2)

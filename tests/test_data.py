@@ -41,7 +41,7 @@ def test_synthetic_dataset_api(cache):
     x = ds[3]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
     assert -1 <= x.min() < x.max() <= 1
-    assert torch.equal(x, ds.images[3].permute(2, 0, 1).float() / 127.5 - 1)
+    assert torch.equal(x, ds.images[3].permute(2, 0, 1).float() * (1 / 127.5) - 1)
     assert ds.cache_path.parent == cache and ds.cache_path.exists()
     assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]
 
@@ -300,6 +300,7 @@ def test_load_dataset(tree):
 def test_gather_normalize_kernel_matches_eager(shape, batch):
     """The trainer's fused gather (Triton; interpreter on CPU) is bit-identical to index_select +
     to_float, in channels_last layout, for every uint8 value and odd image sizes."""
+    from fastdcgan.data._common import U8_TO_UNIT
     from fastdcgan.kernels.gather import gather_normalize
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -309,7 +310,7 @@ def test_gather_normalize_kernel_matches_eager(shape, batch):
     first[:256] = torch.arange(min(256, first.numel()), dtype=torch.uint8, device=dev)
     idx = torch.randint(0, shape[0], (batch,), generator=g).to(dev)
     idx[0] = 0
-    out = gather_normalize(images, idx)
+    out = gather_normalize(images, idx, U8_TO_UNIT, -1.0)
     assert out.shape == (batch, shape[3], shape[1], shape[2])
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out, to_float(images.index_select(0, idx)))

@@ -131,7 +131,7 @@ def _cos(a, b):
 
 @needs_cuda
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-@pytest.mark.parametrize("precision, floor, min_cos", [("fp32", 5e-3, 0.99), ("bf16", 3e-2, 0.95)])
+@pytest.mark.parametrize("precision, floor, min_cos", [("fp32", 1e-2, 0.99), ("bf16", 3e-2, 0.95)])
 def test_captured_step_equals_uncaptured(backend, precision, floor, min_cos):
     """Same weights, batches and noise: 2 warm-up steps, capture, 3 replays vs 5 eager steps.
     Two eager runs already differ (the split-K weight gradients and cuDNN add partials with

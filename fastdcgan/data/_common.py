@@ -46,16 +46,22 @@ def save_cached(path, arr):
         raise
 
 
+# x * (1 / 127.5) - 1 maps uint8 to [-1, 1]. A multiply by the fp32 reciprocal, not a division:
+# that is what eager CUDA does for a division by a scalar, so CPU, CUDA and the fused gather
+# kernel (kernels/gather.py) give the same bits.
+U8_TO_UNIT = 1 / 127.5
+
+
 def to_float(images):
     """uint8 NHWC images (B, H, W, 3), on any device, -> contiguous float32 (B, 3, H, W) in [-1, 1],
-    as (x / 127.5) - 1."""
+    as x * (1 / 127.5) - 1."""
     images = torch.as_tensor(images)
     if images.dim() != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 images of shape (B, H, W, 3), got {tuple(images.shape)}")
     if images.is_floating_point():
         raise TypeError(f"expected integer (uint8) images, got {images.dtype}")
     x = images.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
-    return x.div_(127.5).sub_(1.0)
+    return x.mul_(U8_TO_UNIT).sub_(1.0)
 
 
 class FaceDataset(torch.utils.data.Dataset):

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from fastdcgan.data._common import to_float
+from fastdcgan.data._common import U8_TO_UNIT, to_float
 
 
 class EpochBatches:
@@ -78,7 +78,7 @@ class EpochBatches:
         if self.data.is_cuda and self.data.is_contiguous():
             from fastdcgan.kernels.gather import gather_normalize
 
-            return gather_normalize(self.data, idx)
+            return gather_normalize(self.data, idx, U8_TO_UNIT, -1.0)
         return to_float(self.data.index_select(0, idx))
 
     def next_batch(self):
