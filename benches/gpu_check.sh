@@ -3,7 +3,9 @@
 # extension with CUDA (in the background, while the kernel tests compile and run), runs the GPU
 # tests, the whole-step comparison against the peers, a kernel-time profile of the captured step,
 # a tile sweep of the GEMM kernels (writing $OUT/tiles.json, then timing our step with it) and
-# prints a short table last. Logs go to $OUT (default ./gpu_out).
+# prints a short table last. Logs go to $OUT (default ./gpu_out), at most 8 files (the device
+# tool brings back no more): build.log, tests_kernels.log, tests_step.log, steps.md, profile.md,
+# tune.md, tiles.json, optim.log.
 # Usage: bash benches/gpu_check.sh   (SKIP_TUNE=1 skips the tile sweep)
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -15,8 +17,8 @@ step() { echo; echo "=== $* ($(date +%T))"; }
 failures() { grep -E "^(FAILED|ERROR)|^E  .*(assert|Error)" "$1" | head -${2:-30}; }
 
 step environment
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.txt"
-$py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/env.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/build.log"
+$py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/build.log"
 
 step "build (background)"
 # In place, not `pip install -e` (its setuptools re-invokes pip with build isolation, which needs
@@ -24,7 +26,7 @@ step "build (background)"
 [ -e fastdcgan/kernels ] || ln -s ../kernels fastdcgan/kernels
 export PYTHONPATH=$PWD:$PWD/benches${PYTHONPATH:+:$PYTHONPATH}
 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=8 \
-  $py setup.py build_ext --inplace >"$OUT/build.log" 2>&1 &
+  $py setup.py build_ext --inplace >>"$OUT/build.log" 2>&1 &
 build_pid=$!
 
 step "kernel tests (parallel workers share the Triton cache)"
@@ -37,10 +39,11 @@ step "extension; training step tests while the tile sweep's kernels compile (bac
 wait $build_pid || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; }
 $py -c "import fastdcgan._ext as e; e.load(); print('extension with CUDA:', e.with_cuda())"
 tune_pids=()
+compile_logs=$(mktemp -d)
 if [ -z "${SKIP_TUNE:-}" ]; then
   for layer in ${TUNE_LAYERS:-G1 G2 G3 D1 D2 D3}; do for dt in bf16 fp32; do
     timeout 240 $py benches/tune_gemm.py --compile-only --layers $layer --dtypes $dt \
-      >"$OUT/compile_${layer}_$dt.log" 2>&1 & tune_pids+=($!)
+      >"$compile_logs/${layer}_$dt.log" 2>&1 & tune_pids+=($!)
   done; done
 fi
 timeout ${STEP_TEST_TIMEOUT:-200} $py -m pytest -q -p no:cacheprovider -n 4 --tb=short \
@@ -59,9 +62,11 @@ done
 if [ -z "${SKIP_TUNE:-}" ]; then
   step "GEMM tile sweep (timed), then our step with the tuned tiles"
   for pid in "${tune_pids[@]}"; do wait $pid; done
+  grep -l -iE "error|Traceback" "$compile_logs"/*.log | head -3
   timeout ${TUNE_TIMEOUT:-150} $py benches/tune_gemm.py --write "$OUT/tiles.json" 2>&1 | tee "$OUT/tune.md" | tail -50
+  echo "with the tuned tiles:" >>"$OUT/steps.md"
   FASTDCGAN_TILES=$OUT/tiles.json timeout 90 $py benches/step_table.py --batches 128,512 --steps 20 \
-    --peers none 2>&1 | tee "$OUT/steps_tuned.md" | tail -6
+    --peers none 2>&1 | tee -a "$OUT/steps.md" | tail -6
 fi
 
 step "optimizer"
@@ -71,4 +76,3 @@ timeout 45 $py -m pytest -q -p no:cacheprovider benches/bench_optim.py --benchma
 step summary
 grep -hE "passed|failed|error" "$OUT"/tests_*.log | tail -4
 cat "$OUT/steps.md"
-[ -f "$OUT/steps_tuned.md" ] && { echo "with the tuned tiles:"; tail -4 "$OUT/steps_tuned.md"; }
