@@ -76,6 +76,22 @@ def test_resume_cli_keeps_the_checkpoint_config(tmp_path):
         Trainer(resume=out / "checkpoint.pt", overrides={"ngf": 16})
 
 
+def test_lr_defaults_per_device_and_an_explicit_lr_wins(tmp_path):
+    """CPU default lr 1e-3 (the CPU run's 1200 steps are too few for the paper's 2e-4), GPU 2e-4."""
+    assert TrainConfig(device="cpu").resolve().lr == 1e-3
+    assert TrainConfig(device="cpu", lr=3e-4).resolve().lr == 3e-4
+    assert TrainConfig.GPU_DEFAULTS["lr"] == 2e-4
+    with pytest.raises(ValueError, match="need lr > 0"):
+        TrainConfig(device="cpu", lr=0.0).resolve()
+    assert main(_cli(tmp_path / "default", "--steps", "1")) == 0
+    assert checkpoint.load_training(tmp_path / "default" / "checkpoint.pt")["config"]["lr"] == 1e-3
+    assert main(_cli(tmp_path / "explicit", "--steps", "1", "--lr", "5e-4")) == 0
+    ckpt = checkpoint.load_training(tmp_path / "explicit" / "checkpoint.pt")
+    assert ckpt["config"]["lr"] == 5e-4
+    trainer = Trainer(resume=tmp_path / "explicit" / "checkpoint.pt", progress=False)
+    assert trainer.config.lr == 5e-4 and trainer.optG.param_groups[0]["lr"] == 5e-4
+
+
 def test_an_epochs_run_resumes_without_flags(tmp_path):
     """The checkpoint of an --epochs run holds the derived step count too; a resume without
     --steps/--epochs derives it again instead of refusing "both"."""
