@@ -209,8 +209,12 @@ class Trainer:
     def _restore(self, ckpt, path):
         checkpoint.load_module_state(self.G, ckpt["netG"], "generator", path)
         checkpoint.load_module_state(self.D, ckpt["netD"], "discriminator", path)
-        self.optG.load_state_dict(ckpt["optG"])
-        self.optD.load_state_dict(ckpt["optD"])
+        for opt, key in ((self.optG, "optG"), (self.optD, "optD")):
+            opt.load_state_dict(ckpt[key])
+            # the optimizer's state_dict carries the lr and betas it was saved with; the run's
+            # config (the checkpoint's, with --lr/--beta1/--beta2 given now) is what trains on
+            for group in opt.param_groups:
+                group["lr"], group["betas"] = self.config.lr, (self.config.beta1, self.config.beta2)
         self.step = int(ckpt["step"])
         self.batches.load_state_dict(self._batch_state(ckpt["batches"]))
         torch.set_rng_state(ckpt["rng"]["torch"])

@@ -90,6 +90,11 @@ def test_lr_defaults_per_device_and_an_explicit_lr_wins(tmp_path):
     assert ckpt["config"]["lr"] == 5e-4
     trainer = Trainer(resume=tmp_path / "explicit" / "checkpoint.pt", progress=False)
     assert trainer.config.lr == 5e-4 and trainer.optG.param_groups[0]["lr"] == 5e-4
+    # flags given on resume override the checkpoint's, in the optimizers too
+    trainer = Trainer(resume=tmp_path / "explicit" / "checkpoint.pt", overrides={"lr": 2e-5, "beta1": 0.3},
+                      progress=False)
+    for opt in (trainer.optG, trainer.optD):
+        assert opt.param_groups[0]["lr"] == 2e-5 and opt.param_groups[0]["betas"] == (0.3, 0.999)
 
 
 def test_an_epochs_run_resumes_without_flags(tmp_path):
