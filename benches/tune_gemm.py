@@ -5,7 +5,8 @@ For each layer (G1-G3, D1-D3: every GEMM-heavy layer; their forward shapes are a
 network's data-gradient shapes), dtype and batch (128, 512: the tuned points) it times the
 forward GEMM as the chained network runs it (producer's BN-apply + activation in the prologue,
 BN statistics in the epilogue) and the split-K weight gradient over a few tile configurations,
-keeps the fastest when it beats the heuristic by over 3%, and compares with cuDNN's convolution.
+keeps the fastest when it beats the heuristic by over 3%, and compares with cuBLAS running the
+same GEMMs on plain matrices and with cuDNN's convolution.
 
     python benches/tune_gemm.py --compile-only --layers D2 --dtypes bf16   # fill the Triton cache
     python benches/tune_gemm.py --write tiles.json                        # time, print, write
@@ -59,12 +60,21 @@ def _case(layer, batch, dtype):
     wc = w.to(dtype).contiguous(memory_format=torch.channels_last)
     conv = F.conv_transpose2d if transposed else F.conv2d
     cudnn = lambda: conv(xn, wc, stride=stride, padding=pad)  # noqa: E731
-    return keys, runs, cudnn
+    # the same GEMMs without the convolution (per phase: [M, K] @ [K, N] forward, [K, M] @ [M, N]
+    # weight gradient) through cuBLAS: what a GEMM of this size costs when its operands are
+    # plain matrices, i.e. how much of our time is the implicit-GEMM addressing
+    m, k = batch * geom.mh * geom.mw, geom.t * geom.t * cin
+    a = torch.randn(geom.phases, m, k, device="cuda", dtype=dtype)
+    b = torch.randn(geom.phases, k, cout, device="cuda", dtype=dtype)
+    c = torch.randn(geom.phases, m, cout, device="cuda", dtype=dtype)
+    dense = {"gemm": lambda: torch.bmm(a, b), "wgrad": lambda: torch.bmm(a.transpose(1, 2), c)}
+    return keys, runs, cudnn, dense
 
 
 def sweep(layer, batch, dname, compile_only):
-    """{kind: [(config or None for the heuristic, ms or error name)]}, cuDNN ms, keys."""
-    keys, runs, cudnn = _case(layer, batch, DTYPES[dname])
+    """{kind: [(config or None for the heuristic, ms or error name)]}, cuDNN ms, keys,
+    {kind: cuBLAS ms of the same GEMMs on plain matrices}."""
+    keys, runs, cudnn, dense = _case(layer, batch, DTYPES[dname])
     table = ig.tile_table()
     results = {}
     for kind, configs in (("gemm", FWD_CONFIGS[dname]), ("wgrad", WGRAD_CONFIGS[dname])):
@@ -83,8 +93,11 @@ def sweep(layer, batch, dname, compile_only):
         if saved is not None:
             table[keys[kind]] = saved
         results[kind] = rows
-    cudnn_ms = 0.0 if compile_only else triton.testing.do_bench(cudnn, warmup=5, rep=30)
-    return results, cudnn_ms, keys
+    if compile_only:
+        return results, 0.0, keys, {}
+    torch.backends.cuda.matmul.allow_tf32 = True   # TF32 like our fp32 kernels
+    dense_ms = {kind: triton.testing.do_bench(fn, warmup=5, rep=30) for kind, fn in dense.items()}
+    return results, triton.testing.do_bench(cudnn, warmup=5, rep=30), keys, dense_ms
 
 
 def main():
@@ -97,12 +110,13 @@ def main():
     layers = [l for l in LAYERS if l[0].split()[0] in args.layers.split(",")]
     best = {}
     if not args.compile_only:
-        print("| layer | kernel | heuristic ms | best ms | best config | speedup | cuDNN conv fwd ms |")
-        print("|---|---|---|---|---|---|---|")
+        print("| layer | kernel | heuristic ms | best ms | best config | speedup | cuBLAS same GEMM ms "
+              "| cuDNN conv fwd ms |")
+        print("|---|---|---|---|---|---|---|---|")
     for dname in args.dtypes.split(","):
         for layer in layers:
             for batch in BATCHES:
-                results, cudnn_ms, keys = sweep(layer, batch, dname, args.compile_only)
+                results, cudnn_ms, keys, dense_ms = sweep(layer, batch, dname, args.compile_only)
                 if args.compile_only:
                     continue
                 for kind, rows in results.items():
@@ -114,7 +128,8 @@ def main():
                     heur_s = f"{heur:.3f}" if isinstance(heur, float) else heur
                     gain = f"{heur / ms:.2f}x" if isinstance(heur, float) else ""
                     print(f"| {layer[0]} B={batch} {dname} | {kind} | {heur_s} | {ms:.3f} | "
-                          f"{cfg or 'heuristic'} | {gain} | {cudnn_ms:.3f} |", flush=True)
+                          f"{cfg or 'heuristic'} | {gain} | {dense_ms[kind]:.3f} | {cudnn_ms:.3f} |",
+                          flush=True)
     if args.write:
         with open(args.write, "w") as f:
             json.dump(best, f, indent=1, sort_keys=True)
