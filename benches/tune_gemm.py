@@ -6,7 +6,8 @@ network's data-gradient shapes), dtype and batch (128, 512: the tuned points) it
 forward GEMM as the chained network runs it (producer's BN-apply + activation in the prologue,
 BN statistics in the epilogue) and the split-K weight gradient over a few tile configurations,
 keeps the fastest when it beats the heuristic by over 3%, and compares with cuBLAS running the
-same GEMMs on plain matrices and with cuDNN's convolution.
+same GEMMs on plain matrices and with cuDNN's convolution. A second table gives the forward GEMM's
+time by operand prologue (raw, BN-apply, BN-backward) against an elementwise materializing pass.
 
     python benches/tune_gemm.py --compile-only --layers D2 --dtypes bf16   # fill the Triton cache
     python benches/tune_gemm.py --write tiles.json                        # time, print, write
@@ -20,6 +21,7 @@ import triton.testing
 
 from fastdcgan.kernels import implicit_gemm as ig
 from fastdcgan.kernels.block import _kio
+from fastdcgan.kernels.bn import bn_apply
 from layer_table import LAYERS
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -68,13 +70,23 @@ def _case(layer, batch, dtype):
     b = torch.randn(geom.phases, k, cout, device="cuda", dtype=dtype)
     c = torch.randn(geom.phases, m, cout, device="cuda", dtype=dtype)
     dense = {"gemm": lambda: torch.bmm(a, b), "wgrad": lambda: torch.bmm(a.transpose(1, 2), c)}
-    return keys, runs, cudnn, dense
+    # what the operand prologues cost: the same forward GEMM (same tile) reading its input raw
+    # (MODE 0), through the producer's BN-apply + ReLU (MODE 1, what the chained forward does),
+    # and through the BN + activation backward (MODE 2, what the data gradient does: it reads two
+    # tensors); and the elementwise pass that would materialize the operand instead
+    vec = lambda: torch.randn(cin, device="cuda") * 0.1  # noqa: E731
+    bwd_pro = ig.BwdOperand(torch.randn_like(x), x, pro.scale, pro.shift, vec(), vec(), vec(), 1, 0.0)
+    prologues = {"raw": lambda: ig.conv_gemm(x, wp, geom, cout, stats=1),
+                 "bn-apply": runs["gemm"],
+                 "bn-backward": lambda: ig.conv_gemm(None, wp, geom, cout, bwd=bwd_pro, stats=1),
+                 "apply pass": lambda: bn_apply(x, pro.scale, pro.shift, 1, 0.0, x.dtype)}
+    return keys, runs, cudnn, dense, prologues
 
 
 def sweep(layer, batch, dname, compile_only):
     """{kind: [(config or None for the heuristic, ms or error name)]}, cuDNN ms, keys,
     {kind: cuBLAS ms of the same GEMMs on plain matrices}."""
-    keys, runs, cudnn, dense = _case(layer, batch, DTYPES[dname])
+    keys, runs, cudnn, dense, prologues = _case(layer, batch, DTYPES[dname])
     table = ig.tile_table()
     results = {}
     for kind, configs in (("gemm", FWD_CONFIGS[dname]), ("wgrad", WGRAD_CONFIGS[dname])):
@@ -94,10 +106,13 @@ def sweep(layer, batch, dname, compile_only):
             table[keys[kind]] = saved
         results[kind] = rows
     if compile_only:
-        return results, 0.0, keys, {}
+        for fn in prologues.values():
+            fn()
+        return results, 0.0, keys, {}, {}
     torch.backends.cuda.matmul.allow_tf32 = True   # TF32 like our fp32 kernels
     dense_ms = {kind: triton.testing.do_bench(fn, warmup=5, rep=30) for kind, fn in dense.items()}
-    return results, triton.testing.do_bench(cudnn, warmup=5, rep=30), keys, dense_ms
+    prologue_ms = {name: triton.testing.do_bench(fn, warmup=5, rep=30) for name, fn in prologues.items()}
+    return results, triton.testing.do_bench(cudnn, warmup=5, rep=30), keys, dense_ms, prologue_ms
 
 
 def main():
@@ -108,7 +123,7 @@ def main():
     p.add_argument("--write", default=None, help="write the winning tiles (JSON) here")
     args = p.parse_args()
     layers = [l for l in LAYERS if l[0].split()[0] in args.layers.split(",")]
-    best = {}
+    best, prologue_rows = {}, []
     if not args.compile_only:
         print("| layer | kernel | heuristic ms | best ms | best config | speedup | cuBLAS same GEMM ms "
               "| cuDNN conv fwd ms |")
@@ -116,9 +131,12 @@ def main():
     for dname in args.dtypes.split(","):
         for layer in layers:
             for batch in BATCHES:
-                results, cudnn_ms, keys, dense_ms = sweep(layer, batch, dname, args.compile_only)
+                results, cudnn_ms, keys, dense_ms, prologue_ms = sweep(layer, batch, dname,
+                                                                       args.compile_only)
                 if args.compile_only:
                     continue
+                prologue_rows.append(f"| {layer[0]} B={batch} {dname} | " + " | ".join(
+                    f"{prologue_ms[k]:.3f}" for k in ("raw", "bn-apply", "bn-backward", "apply pass")) + " |")
                 for kind, rows in results.items():
                     timed = [(cfg, ms) for cfg, ms in rows if isinstance(ms, float)]
                     heur = dict(rows).get(None)
@@ -130,6 +148,12 @@ def main():
                     print(f"| {layer[0]} B={batch} {dname} | {kind} | {heur_s} | {ms:.3f} | "
                           f"{cfg or 'heuristic'} | {gain} | {dense_ms[kind]:.3f} | {cudnn_ms:.3f} |",
                           flush=True)
+    if prologue_rows:
+        print("\nForward GEMM at the table's tile, by operand prologue (ms), and the elementwise pass "
+              "that would materialize the operand instead:\n")
+        print("| layer | raw (MODE 0) | BN-apply + ReLU (MODE 1) | BN backward (MODE 2) | apply pass |")
+        print("|---|---|---|---|---|")
+        print("\n".join(prologue_rows))
     if args.write:
         with open(args.write, "w") as f:
             json.dump(best, f, indent=1, sort_keys=True)
