@@ -103,7 +103,7 @@ def ours_step(batch, precision, *, captured=True):
     """fastdcgan's trainer step on the triton backend, CUDA-graph captured unless captured=False."""
     from fastdcgan.data import EpochBatches, load_dataset
     from fastdcgan.optim import FusedAdam
-    from fastdcgan.step import CapturedStep, GanStep
+    from fastdcgan.step import CapturedStep, EagerStep, GanStep
 
     torch.manual_seed(0)
     g = Generator(backend="triton").cuda()
@@ -112,10 +112,4 @@ def ours_step(batch, precision, *, captured=True):
     batches = EpochBatches(load_dataset("synthetic", size=64, n=max(1024, 2 * batch)).images, batch,
                            device="cuda")
     noise = torch.Generator(device="cuda").manual_seed(1)
-    if captured:
-        return CapturedStep(step, batches, noise, NZ)
-
-    def eager():
-        z = torch.randn(batch, NZ, 1, 1, device="cuda", generator=noise)
-        return step(batches.next_batch(), z)
-    return eager
+    return (CapturedStep if captured else EagerStep)(step, batches, noise, NZ)

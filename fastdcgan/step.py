@@ -1,5 +1,6 @@
-"""One DCGAN training step as pure device work (GanStep), and the same step captured once in a
-CUDA graph and replayed (CapturedStep): the trainer's fast path on a GPU.
+"""One DCGAN training step as pure device work (GanStep), fed from the trainer's batches and
+latents op by op (EagerStep) or captured once in a CUDA graph and replayed (CapturedStep: the
+trainer's fast path on a GPU).
 
 The step is the pytorch/examples loop: D on a real batch (label 1) and on G(z).detach() (label 0),
 D update; then D on the same fakes with label 1, G update. It returns its statistics as 0-d
@@ -77,14 +78,48 @@ class GanStep:
         }
 
 
-class CapturedStep:
+class _Latents:
+    """This rank's latents: every rank draws the global batch's z from `noise` (the same stream on
+    every rank) and uses its slice, so a run's latents do not depend on the world size. Drawn
+    into one buffer (normal_ on it gives the numbers randn would)."""
+
+    def __init__(self, noise, n, nz, rank, world_size, device):
+        self.noise = noise
+        self.all = torch.zeros(n * world_size, nz, 1, 1, device=device)
+        self.mine = self.all[rank * n:(rank + 1) * n]
+
+    def draw(self):
+        self.all.normal_(generator=self.noise)
+        return self.mine
+
+
+class EagerStep:
+    """GanStep fed from `batches` (this rank's next batch, gathered on the data's device) and
+    `noise`, op by op: the trainer's step without a CUDA graph."""
+
+    def __init__(self, step: GanStep, batches, noise, nz, *, rank=0, world_size=1):
+        self.step, self.batches = step, batches
+        self.latents = _Latents(noise, batches.batch_size, nz, rank, world_size, batches.data.device)
+
+    def _next_indices(self):
+        idx = self.batches.next_indices()
+        if idx.numel() != self.batches.batch_size:
+            raise ValueError(f"the training step needs a constant batch size ({self.batches.batch_size}), "
+                             f"got a batch of {idx.numel()}")
+        return idx
+
+    def __call__(self):
+        return self.step(self.batches.gather(self._next_indices()), self.latents.draw())
+
+
+class CapturedStep(EagerStep):
     """GanStep on CUDA, captured in one CUDA graph after `warmup` eager steps and replayed.
 
     Per step the host only copies the batch's dataset indices (a slice of the device-resident
     permutation) into a static buffer and draws z into another from `noise` (the same numbers the
-    uncaptured trainer draws: randn is normal_ on an empty tensor); the graph gathers and
-    normalises the uint8 batch, runs both updates and writes the statistics. The returned dict
-    holds the graph's static output tensors: read them before the next call.
+    uncaptured step draws); the graph gathers and normalises the uint8 batch, runs both updates
+    and writes the statistics. The returned dict holds the graph's static output tensors: read
+    them before the next call.
 
     The graph keeps what it was captured with: parameters, optimizer buffers and BN statistics
     must be updated in place (load_state_dict does), and optimizer hyperparameters are frozen
@@ -94,30 +129,20 @@ class CapturedStep:
     def __init__(self, step: GanStep, batches, noise, nz, *, rank=0, world_size=1, warmup=3):
         if batches.data.device.type != "cuda":
             raise ValueError(f"a captured step needs the data on a CUDA device, not {batches.data.device}")
-        self.step, self.batches, self.noise = step, batches, noise
+        super().__init__(step, batches, noise, nz, rank=rank, world_size=world_size)
         self.warmup = max(1, warmup)
-        device = batches.data.device
-        n = batches.batch_size
-        self.idx = torch.zeros(n, dtype=torch.long, device=device)
-        # every rank draws the global batch's latents (the same stream on every rank) and uses
-        # its slice, as the uncaptured trainer does
-        self.z_all = torch.zeros(n * world_size, nz, 1, 1, device=device)
-        self.z = self.z_all[rank * n:(rank + 1) * n]
+        self.idx = torch.zeros(batches.batch_size, dtype=torch.long, device=batches.data.device)
         self.graph = None
         self.outputs = None
         self.eager_steps = 0
         step.autocast_cache = False
 
     def _body(self):
-        return self.step(self.batches.gather(self.idx), self.z)
+        return self.step(self.batches.gather(self.idx), self.latents.mine)
 
     def __call__(self):
-        idx = self.batches.next_indices()
-        if idx.numel() != self.idx.numel():
-            raise ValueError(f"a captured step needs a constant batch size ({self.idx.numel()}), "
-                             f"got a batch of {idx.numel()}")
-        self.idx.copy_(idx)
-        self.z_all.normal_(generator=self.noise)
+        self.idx.copy_(self._next_indices())
+        self.latents.draw()
         if self.eager_steps < self.warmup:
             # warm-up on a side stream, as CUDA-graph capture wants: compiles the kernels and
             # creates every lazily built buffer before capture

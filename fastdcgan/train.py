@@ -25,7 +25,7 @@ from fastdcgan.images import plot_losses, save_grid
 from fastdcgan.models import BACKENDS, Discriminator, Generator, resolve_device
 from fastdcgan.monitor import NonFiniteError, StabilityMonitor
 from fastdcgan.optim import FusedAdam
-from fastdcgan.step import CapturedStep, GanStep
+from fastdcgan.step import CapturedStep, EagerStep, GanStep
 
 LOG_FIELDS = ("step", "epoch", "loss_d", "loss_g", "d_x", "d_g_z", "d_g_z_after", "seconds", "swd")
 
@@ -154,7 +154,7 @@ class Trainer:
         # step 500: an untrained generator is not diverse yet) in steps.
         self.monitor = StabilityMonitor(window=max(2, 200 // cfg.log_every), cooldown=200)
         # Latents come from their own generator so that a resumed run draws the same noise; every
-        # rank draws the global batch's latents and keeps its slice (see train_step).
+        # rank draws the global batch's latents and keeps its slice (see fastdcgan.step).
         self.noise = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.fixed_noise = torch.randn(cfg.num_samples, cfg.nz, 1, 1, device=self.device,
                                        generator=torch.Generator(device=self.device).manual_seed(cfg.seed + 2))
@@ -164,10 +164,9 @@ class Trainer:
             self._restore(ckpt, resume)
         self.gan_step = GanStep(self.G, self.D, self.optG, self.optD, precision=cfg.precision,
                                 grad_sync=distributed.average_gradients)
-        self._step = self._eager_step
-        if cfg.cuda_graph if cfg.cuda_graph is not None else self.device.type == "cuda":
-            self._step = CapturedStep(self.gan_step, self.batches, self.noise, cfg.nz,
-                                      rank=self.rank, world_size=self.world_size)
+        captured = cfg.cuda_graph if cfg.cuda_graph is not None else self.device.type == "cuda"
+        self._step = (CapturedStep if captured else EagerStep)(
+            self.gan_step, self.batches, self.noise, cfg.nz, rank=self.rank, world_size=self.world_size)
 
     # ---- state -------------------------------------------------------------------------------
     @staticmethod
@@ -251,13 +250,6 @@ class Trainer:
         stats = self._step()
         self.step += 1
         return stats
-
-    def _eager_step(self):
-        real = self.batches.next_batch()
-        n = real.shape[0]
-        # every rank draws the global batch's latents and keeps its slice
-        z = torch.randn(n * self.world_size, self.config.nz, 1, 1, device=self.device, generator=self.noise)
-        return self.gan_step(real, z[self.rank * n:(self.rank + 1) * n])
 
     # ---- outputs -----------------------------------------------------------------------------
     def _real_images(self, num, seed_offset):

@@ -11,6 +11,7 @@ import torch
 
 from fastdcgan import checkpoint
 from fastdcgan.monitor import NonFiniteError
+from fastdcgan.step import EagerStep
 from fastdcgan.train import TrainConfig, Trainer, main, train
 
 TINY = dict(num_images=48, batch_size=8, ngf=8, ndf=8, nz=16, num_samples=8, log_every=2,
@@ -112,7 +113,7 @@ def test_cuda_graph_flag(tmp_path, capsys):
     with pytest.raises(ValueError, match="--cuda-graph needs a CUDA device"):
         TrainConfig(cuda_graph=True, device="cpu").resolve()
     trainer = Trainer(TrainConfig(steps=1, out=str(tmp_path), **TINY), progress=False)
-    assert trainer._step == trainer._eager_step   # CPU: uncaptured by default
+    assert type(trainer._step) is EagerStep   # CPU: uncaptured by default
     assert main(_cli(tmp_path, "--steps", "1", "--no-cuda-graph")) == 0
     assert main(_cli(tmp_path, "--steps", "1", "--cuda-graph")) == 1
     assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
