@@ -20,8 +20,8 @@ import torch.nn.functional as F
 import triton.testing
 
 from fastdcgan.kernels import implicit_gemm as ig
-from fastdcgan.kernels.block import _kio
 from fastdcgan.kernels.bn import bn_apply
+from fastdcgan.kernels.weights import kernel_weights
 from layer_table import LAYERS
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -49,7 +49,7 @@ def _case(layer, batch, dtype):
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, hw, hw, cin, generator=g).to("cuda", dtype)
     w = (torch.randn((cin, cout, 4, 4) if transposed else (cout, cin, 4, 4), generator=g) * 0.02).cuda()
-    wp = ig.pack_weight(w, geom, _kio(transposed, False), dtype)
+    wp = kernel_weights([w], [transposed], dtype)[0]
     pro = ig.Xform(torch.rand(cin, device="cuda") + 0.5, torch.randn(cin, device="cuda") * 0.1, 1, 0.0)
     dy = torch.randn(batch, oh, oh, cout, generator=g).to("cuda", dtype)
     bwd = ig.BwdOperand(dy, torch.randn_like(dy), None, None, None, None, None, 0, 0.0)

@@ -131,11 +131,13 @@ def _register_python_parts():
         _, grad = output
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(grad)
+        # no zero-filled gradient for the unused (non-differentiable) second output
+        ctx.set_materialize_grads(False)
 
     def _bce_backward(ctx, grad_loss, _grad_grad):
         (grad,) = ctx.saved_tensors
         grad_logits = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and grad_loss is not None:
             grad_logits = grad * grad_loss
         return grad_logits, None
 

@@ -8,6 +8,11 @@ backend:
   "reference": the eager PyTorch modules (cuDNN on GPU).
   "triton":    every conv+BN+activation block through the fused ops in fastdcgan.ops.
   "auto":      triton for CUDA inputs, reference otherwise (chosen per call).
+
+use_kernel_layout() stores the conv weights in the fused kernels' layout (same shapes, values and
+state_dict keys, other strides), which the triton backend reads in place and accumulates weight
+gradients in; without it each pass copies the weights once. backend="triton" models do it at
+construction, the trainer for "auto" on a GPU; the reference backend prefers the plain layout.
 """
 import torch
 from torch import nn
@@ -72,6 +77,19 @@ class _DCGANBase(nn.Module):
         super().__init__()
         self.backend = _check_backend(backend)
 
+    def _init_weights(self):
+        self.apply(weights_init)
+        if self.backend == "triton":
+            self.use_kernel_layout()
+
+    def use_kernel_layout(self):
+        """Re-stores the conv weights in the fused kernels' layout (see the module docstring);
+        call it before building optimizers. Returns self."""
+        from fastdcgan.kernels.weights import use_kernel_layout
+
+        use_kernel_layout(self)
+        return self
+
     def set_backend(self, backend):
         self.backend = _check_backend(backend)
         return self
@@ -112,10 +130,13 @@ def _fused_block_args(conv, bn, act_slope):
         return block
     training = bn.training or bn.running_mean is None
     momentum = bn.momentum
+    counter = None
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if momentum is None:
+        if momentum is None:   # the cumulative average needs the count on the host
+            bn.num_batches_tracked.add_(1)
             momentum = 1.0 / float(bn.num_batches_tracked)
+        else:                  # counted by the BN finalize kernel
+            counter = bn.num_batches_tracked
     gamma, beta = bn.weight, bn.bias
     if gamma is None:
         gamma = torch.ones(bn.num_features, device=conv.weight.device)
@@ -123,7 +144,8 @@ def _fused_block_args(conv, bn, act_slope):
     update = bn.training and bn.track_running_stats
     block.update(gamma=gamma, beta=beta, training=training, momentum=momentum or 0.0, eps=bn.eps,
                  running_mean=bn.running_mean if (update or not training) else None,
-                 running_var=bn.running_var if (update or not training) else None)
+                 running_var=bn.running_var if (update or not training) else None,
+                 num_batches_tracked=counter)
     return block
 
 
@@ -149,7 +171,7 @@ class Generator(_DCGANBase):
             nn.ConvTranspose2d(ngf, nc, 4, 2, 1, bias=False),
             nn.Tanh(),
         )
-        self.apply(weights_init)
+        self._init_weights()
 
     def forward(self, z):
         if isinstance(z, torch.Tensor) and z.dim() == 2:
@@ -182,7 +204,7 @@ class Discriminator(_DCGANBase):
             nn.Conv2d(ndf * 8, 1, 4, 1, 0, bias=False),
             nn.Sigmoid(),
         )
-        self.apply(weights_init)
+        self._init_weights()
 
     def _checked(self, x):
         self._check_input(x, self.nc, "images")

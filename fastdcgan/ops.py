@@ -170,7 +170,9 @@ def fused_network(x, blocks):
 
     blocks: sequence of dicts with keys weight, transposed, stride, padding, activation and
     optionally negative_slope (0.2), gamma, beta, running_mean, running_var (None: no BN),
-    training (True), momentum (0.1), eps (1e-5). Same semantics as chaining the per-block ops.
+    training (True), momentum (0.1), eps (1e-5), num_batches_tracked (an int64 one-element
+    tensor that a training-mode BN adds 1 to, as nn.BatchNorm2d does). Same semantics as
+    chaining the per-block ops.
     """
     from fastdcgan.kernels.activations import act_code
     from fastdcgan.kernels.block import BlockSpec
@@ -194,7 +196,14 @@ def fused_network(x, blocks):
                                 training=training, momentum=momentum, eps=eps)
         if gamma is not None and beta is None:
             beta = torch.zeros_like(gamma)
+        nbt = b.get("num_batches_tracked")
+        if nbt is not None and not (isinstance(nbt, torch.Tensor) and nbt.dtype == torch.int64
+                                    and nbt.numel() == 1 and nbt.device == x.device):
+            raise ValueError(f"{op}: num_batches_tracked must be a one-element int64 tensor on "
+                             f"{x.device}")
+        if nbt is not None and not (gamma is not None and training):
+            raise ValueError(f"{op}: num_batches_tracked is counted by a training-mode BatchNorm only")
         specs.append(BlockSpec(bool(b["transposed"]), stride, padding, act_code(b["activation"]),
                                float(slope), gamma is not None, training, float(momentum), float(eps)))
-        tensors += [b["weight"], gamma, beta, rm, rv]
+        tensors += [b["weight"], gamma, beta, rm, rv, nbt]
     return run_network(x, specs, tensors)

@@ -231,6 +231,10 @@ class FusedAdam(torch.optim.Optimizer):
             op(flat.param, flat.grad, flat.exp_avg, flat.exp_avg_sq, flat.step,
                float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
                float(group["weight_decay"]), flat.sync)
+            # the op writes through raw pointers: bump the parameters' version counters as an
+            # in-place update does, so autograd still catches a use of stale saved weights
+            for p in flat.params:
+                torch.autograd.graph.increment_version(p)
         return loss
 
     # -- checkpoints ---------------------------------------------------------------------------

@@ -10,12 +10,17 @@ device tensors and never reads anything on the host, so the caller decides when 
 During the G update D's parameters are frozen: backward then skips D's weight gradients, which
 the pytorch/examples loop computes and throws away (optD.zero_grad() clears them before D's next
 update), so the updated parameters are the same with five fewer weight-gradient GEMMs per step.
+
+The step runs in fastdcgan.kernels.weights.training_step(): with the triton backend each weight
+is cast (bf16) once per update instead of once per use, and the kernels accumulate the gradients
+straight into the optimizers' gradient buffers.
 """
 import contextlib
 import warnings
 
 import torch
 
+from fastdcgan.kernels.weights import training_step, weights_updated
 from fastdcgan.loss import bce_with_logits
 
 
@@ -55,8 +60,13 @@ class GanStep:
         if self.grad_sync is not None:
             self.grad_sync(opt)
         opt.step()
+        weights_updated()
 
     def __call__(self, real, z):
+        with training_step():
+            return self._step(real, z)
+
+    def _step(self, real, z):
         G, D = self.G, self.D
         with self._autocast(real.device.type):
             fake = G(z)

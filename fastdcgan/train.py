@@ -145,6 +145,9 @@ class Trainer:
 
         self.G = Generator(nz=cfg.nz, ngf=cfg.ngf, backend=cfg.backend).to(self.device)
         self.D = Discriminator(ndf=cfg.ndf, backend=cfg.backend).to(self.device)
+        if self.device.type == "cuda" and cfg.backend != "reference":
+            for m in (self.G, self.D):   # before the optimizers, which keep the layout
+                m.use_kernel_layout()
         distributed.use_sync_batchnorm((self.G, self.D), cfg.sync_bn)
         betas = (cfg.beta1, cfg.beta2)
         self.optG = FusedAdam(self.G.parameters(), lr=cfg.lr, betas=betas)

@@ -12,6 +12,9 @@ Backward: (BN) per-channel reductions sum(dz), sum(dz*xhat) -> coefficients A, B
 gradient (split-K GEMM) and the data gradient (the "other" conv direction) both load
 dy = A*dz + B*y + C through their prologue. Saved: the block input (or the producer's raw y),
 this block's raw y, and per-channel mean/rstd/scale/shift only.
+
+Weights are kernel-layout tensors (kernels/weights.py) in the compute dtype; weight gradients are
+fp32 kernel-layout tensors, accumulated into a given buffer (a parameter's .grad) or new.
 """
 from dataclasses import dataclass
 
@@ -19,8 +22,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .bn import bn_apply, bn_bwd_finalize, bn_bwd_reduce, bn_finalize
-from .implicit_gemm import (BwdOperand, Xform, conv_gemm, conv_out_size, conv_wgrad, gemv,
-                            make_geom, pack_weight, unpack_grad)
+from .implicit_gemm import BwdOperand, Xform, conv_gemm, conv_out_size, conv_wgrad, gemv, make_geom
+from .weights import kernel_weights, torch_view
 
 
 @dataclass(frozen=True)
@@ -46,35 +49,28 @@ class BlockOut:
     geom: object
 
 
-def _kio(transposed, dgrad):
-    # Permutation of the PyTorch weight to (kh, kw, gemm-in, gemm-out). Conv2d weight is
-    # (Cout, Cin, kh, kw), ConvTranspose2d (Cin, Cout, kh, kw); a dgrad swaps in and out.
-    return (2, 3, 0, 1) if transposed != dgrad else (2, 3, 1, 0)
-
-
-def out_channels(weight, transposed):
-    return weight.shape[1] if transposed else weight.shape[0]
-
-
 def _is_gemv(spec, x, cout):
     # kernel covers the whole 4x4 input and the output has too few channels for a tensor-core tile
     return (not spec.transposed and spec.stride == 1 and spec.padding == 0 and not spec.bn
             and x.shape[1] == 4 and x.shape[2] == 4 and cout < 16)
 
 
-def block_forward(x, pro, weight, gamma, beta, running_mean, running_var, spec, *, keep_y, materialize):
-    """x: NHWC input, through the prologue `pro` (Xform of its producer) or raw (pro None).
-    keep_y: store the raw conv output (needed for backward). materialize: return the activation."""
+def block_forward(x, pro, wk, gamma, beta, running_mean, running_var, spec, *, keep_y, materialize,
+                  batches_tracked=None):
+    """x: NHWC input, through the prologue `pro` (Xform of its producer) or raw (pro None); wk:
+    the kernel-layout weight in x's dtype. keep_y: store the raw conv output (needed for
+    backward). materialize: return the activation. batches_tracked: BatchNorm2d's counter, to
+    add 1 to when the batch statistics are computed."""
     nb, ih, iw, _ = x.shape
-    cout = out_channels(weight, spec.transposed)
+    cout = wk.shape[3]
     oh = conv_out_size(spec.transposed, spec.stride, spec.padding, ih)
     ow = conv_out_size(spec.transposed, spec.stride, spec.padding, iw)
     geom = make_geom(spec.transposed, spec.stride, spec.padding, ih, iw, oh, ow)
-    wp = pack_weight(weight, geom, _kio(spec.transposed, False), x.dtype)
     if spec.bn and spec.training:
-        y, _, partials = conv_gemm(x, wp, geom, cout, pro=pro, stats=1)
+        y, _, partials = conv_gemm(x, wk, geom, cout, pro=pro, stats=1)
         mean, rstd, scale, shift = bn_finalize(partials, gamma, beta, running_mean, running_var,
-                                               training=True, momentum=spec.momentum, eps=spec.eps)
+                                               training=True, momentum=spec.momentum, eps=spec.eps,
+                                               batches_tracked=batches_tracked)
         xform = Xform(scale, shift, spec.act, spec.slope)
         a = bn_apply(y, scale, shift, spec.act, spec.slope, y.dtype) if materialize else None
         return BlockOut(y, a, xform, mean, rstd, geom)
@@ -85,18 +81,21 @@ def block_forward(x, pro, weight, gamma, beta, running_mean, running_var, spec, 
     xform = Xform(scale, shift, spec.act, spec.slope)
     store_a = materialize or not keep_y
     if _is_gemv(spec, x, cout):
-        y, a = gemv(x, wp, cout, pro=pro, epi=xform, store_y=keep_y, store_a=store_a)
+        y, a = gemv(x, wk, cout, pro=pro, epi=xform, store_y=keep_y, store_a=store_a)
     else:
-        y, a, _ = conv_gemm(x, wp, geom, cout, pro=pro, store_y=keep_y, epi=xform, store_a=store_a)
+        y, a, _ = conv_gemm(x, wk, geom, cout, pro=pro, store_y=keep_y, epi=xform, store_a=store_a)
     return BlockOut(y, a, xform, mean, rstd, geom)
 
 
-def block_backward(g, x, pro, weight, gamma, out, spec, *, need_dx, need_dw, partials=None, prod=None):
-    """g: NHWC gradient w.r.t. the block's activation. x / pro: the block input as in forward.
-    partials: BN backward sums of this block already reduced (by the consumer's dgrad epilogue).
-    prod: (y, scale, shift, mean, rstd, act, slope) of the producer of x, when its BN backward
-    sums should be fused into this block's dgrad epilogue.
-    Returns (dx, dW, dgamma, dbeta, producer partials)."""
+def block_backward(g, x, pro, wk, gamma, out, spec, *, need_dx, need_dw, dw=None, bn_grads=None,
+                   partials=None, prod=None):
+    """g: NHWC gradient w.r.t. the block's activation. x / pro: the block input as in forward; wk
+    the kernel-layout weight of the forward. dw: fp32 kernel-layout buffer the weight gradient is
+    added to (None: a new one); bn_grads: (gamma.grad, beta.grad) to add dgamma, dbeta to (None:
+    new tensors). partials: BN backward sums of this block already reduced (by the consumer's
+    dgrad epilogue). prod: (y, scale, shift, mean, rstd, act, slope) of the producer of x, when
+    its BN backward sums should be fused into this block's dgrad epilogue.
+    Returns (dx, dW, dgamma, dbeta, producer partials); dW in kernel layout."""
     y = out.y
     if spec.bn:
         xf = out.xform
@@ -104,22 +103,20 @@ def block_backward(g, x, pro, weight, gamma, out, spec, *, need_dx, need_dw, par
             partials = bn_bwd_reduce(g, y, xf.scale, xf.shift, out.mean, out.rstd, spec.act, spec.slope)
         count = y.numel() // y.shape[-1]
         dgamma, dbeta, ca, cb, cc = bn_bwd_finalize(partials, gamma, out.mean, out.rstd, count,
-                                                    training=spec.training)
+                                                    training=spec.training, grads=bn_grads)
         bo = BwdOperand(g, y, xf.scale, xf.shift, ca, cb, cc, spec.act, spec.slope)
     else:
         dgamma = dbeta = None
         bo = BwdOperand(g, y, None, None, None, None, None, spec.act, spec.slope)
-    dw = None
     if need_dw:
-        dwp = conv_wgrad(x, pro, bo, out.geom)
-        dw = unpack_grad(dwp, out.geom, _kio(spec.transposed, False), weight.shape).to(weight.dtype)
+        dw = conv_wgrad(x, pro, bo, out.geom, dw)
     dx = prod_partials = None
     if need_dx:
         nb, ih, iw, cin = x.shape
         geom = make_geom(not spec.transposed, spec.stride, spec.padding, y.shape[1], y.shape[2], ih, iw)
-        wpd = pack_weight(weight, geom, _kio(spec.transposed, True), y.dtype)
-        dx, _, prod_partials = conv_gemm(None, wpd, geom, cin, bwd=bo, stats=2 if prod else 0, prod=prod)
-    return dx, dw, dgamma, dbeta, prod_partials
+        dx, _, prod_partials = conv_gemm(None, wk, geom, cin, w_t=True, bwd=bo,
+                                         stats=2 if prod else 0, prod=prod)
+    return dx, dw if need_dw else None, dgamma, dbeta, prod_partials
 
 
 class BlockFunction(torch.autograd.Function):
@@ -129,25 +126,28 @@ class BlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, gamma, beta, running_mean, running_var, spec):
         xh = x.permute(0, 2, 3, 1).contiguous()
-        out = block_forward(xh, None, weight, gamma, beta, running_mean, running_var, spec,
+        wk = kernel_weights([weight], [spec.transposed], xh.dtype)[0]
+        out = block_forward(xh, None, wk, gamma, beta, running_mean, running_var, spec,
                             keep_y=True, materialize=True)
-        ctx.spec, ctx.geom = spec, out.geom
+        ctx.spec, ctx.geom, ctx.weight_dtype = spec, out.geom, weight.dtype
         xf = out.xform
-        ctx.save_for_backward(xh, weight, gamma, out.y, out.mean, out.rstd, xf.scale, xf.shift)
+        ctx.save_for_backward(xh, wk, gamma, out.y, out.mean, out.rstd, xf.scale, xf.shift)
         return out.a.permute(0, 3, 1, 2)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        xh, weight, gamma, y, mean, rstd, scale, shift = ctx.saved_tensors
+        xh, wk, gamma, y, mean, rstd, scale, shift = ctx.saved_tensors
         spec = ctx.spec
         out = BlockOut(y, None, Xform(scale, shift, spec.act, spec.slope), mean, rstd, ctx.geom)
         g = grad.permute(0, 2, 3, 1).contiguous().to(y.dtype)
         need = ctx.needs_input_grad
-        dx, dw, dgamma, dbeta, _ = block_backward(g, xh, None, weight, gamma, out, spec,
+        dx, dw, dgamma, dbeta, _ = block_backward(g, xh, None, wk, gamma, out, spec,
                                                   need_dx=need[0], need_dw=need[1])
         if dx is not None:
             dx = dx.permute(0, 3, 1, 2)
+        if dw is not None:
+            dw = torch_view(dw, spec.transposed).to(ctx.weight_dtype)
         if dgamma is not None:
             dgamma, dbeta = dgamma.to(gamma.dtype), dbeta.to(gamma.dtype)
         return dx, dw, dgamma if need[2] else None, dbeta if need[3] else None, None, None, None
@@ -161,6 +161,7 @@ def run_block(x, weight, gamma, beta, running_mean, running_var, spec):
         return BlockFunction.apply(x, weight, gamma, beta, running_mean, running_var, spec)
     with torch.no_grad():
         xh = x.permute(0, 2, 3, 1).contiguous()
-        out = block_forward(xh, None, weight, gamma, beta, running_mean, running_var, spec,
+        wk = kernel_weights([weight], [spec.transposed], xh.dtype)[0]
+        out = block_forward(xh, None, wk, gamma, beta, running_mean, running_var, spec,
                             keep_y=False, materialize=True)
         return out.a.permute(0, 3, 1, 2)

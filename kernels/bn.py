@@ -49,11 +49,15 @@ def set_partials_sync(sync):
 
 @triton.jit
 def bn_finalize_kernel(mean_t_ptr, m2_t_ptr, cnt_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr,
-                       mean_ptr, rstd_ptr, scale_ptr, shift_ptr, T, C, momentum, eps,
-                       TRAINING: tl.constexpr, UPDATE: tl.constexpr,
+                       mean_ptr, rstd_ptr, scale_ptr, shift_ptr, batches_ptr, T, C, momentum, eps,
+                       TRAINING: tl.constexpr, UPDATE: tl.constexpr, COUNT_BATCH: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     # Each program owns BLOCK_C channels and walks all T tile partials twice: the batch mean from
     # sum(cnt*mean_t), then M2 = sum(M2_t + cnt*(mean_t - mean)^2) (Chan), in a fixed order.
+    # COUNT_BATCH: program 0 also adds 1 to BatchNorm2d's num_batches_tracked (no extra launch).
+    if COUNT_BATCH:
+        if tl.program_id(0) == 0:
+            tl.store(batches_ptr, tl.load(batches_ptr) + 1)
     rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = rc < C
     if TRAINING:
@@ -142,11 +146,13 @@ def bn_bwd_reduce_kernel(g_ptr, y_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
 
 
 @triton.jit
-def bn_bwd_finalize_kernel(s0_ptr, s1_ptr, T, C, count, gamma_ptr, mean_ptr, rstd_ptr,
+def bn_bwd_finalize_kernel(s0_ptr, s1_ptr, T, C, count, grad_scale, gamma_ptr, mean_ptr, rstd_ptr,
                            dgamma_ptr, dbeta_ptr, ca_ptr, cb_ptr, cc_ptr,
-                           TRAINING: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                           TRAINING: tl.constexpr, ACCUMULATE: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     # Each program reduces the T partial rows of BLOCK_C channels (fixed order: deterministic)
-    # and emits dgamma, dbeta and the per-channel coefficients of dy = A*dz + B*y + C.
+    # and emits grad_scale*dgamma, grad_scale*dbeta (added to the buffers with ACCUMULATE) and
+    # the per-channel coefficients of dy = A*dz + B*y + C.
     rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = rc < C
     dbeta = tl.zeros([BLOCK_C], tl.float32)
@@ -166,16 +172,23 @@ def bn_bwd_finalize_kernel(s0_ptr, s1_ptr, T, C, count, gamma_ptr, mean_ptr, rst
     else:
         b = tl.zeros([BLOCK_C], tl.float32)
         c = tl.zeros([BLOCK_C], tl.float32)
-    tl.store(dgamma_ptr + rc, dgamma, mask=c_ok)
-    tl.store(dbeta_ptr + rc, dbeta, mask=c_ok)
+    dgamma_out = dgamma * grad_scale
+    dbeta_out = dbeta * grad_scale
+    if ACCUMULATE:
+        dgamma_out += tl.load(dgamma_ptr + rc, mask=c_ok, other=0.0)
+        dbeta_out += tl.load(dbeta_ptr + rc, mask=c_ok, other=0.0)
+    tl.store(dgamma_ptr + rc, dgamma_out, mask=c_ok)
+    tl.store(dbeta_ptr + rc, dbeta_out, mask=c_ok)
     tl.store(ca_ptr + rc, a, mask=c_ok)
     tl.store(cb_ptr + rc, b, mask=c_ok)
     tl.store(cc_ptr + rc, c, mask=c_ok)
 
 
-def bn_finalize(partials, gamma, beta, running_mean, running_var, *, training, momentum, eps):
+def bn_finalize(partials, gamma, beta, running_mean, running_var, *, training, momentum, eps,
+                batches_tracked=None):
     """partials = (mean_t [T, C], m2_t [T, C], cnt [T]) or None in eval mode.
-    Returns fp32 (mean, rstd, scale, shift); updates the running stats in place when training."""
+    Returns fp32 (mean, rstd, scale, shift); updates the running stats in place when training,
+    and adds 1 to the int64 counter `batches_tracked` when given."""
     c, dev = gamma.numel(), gamma.device
     mean, rstd, scale, shift = (new_empty((c,), dev) for _ in range(4))
     update = training and running_mean is not None
@@ -190,8 +203,9 @@ def bn_finalize(partials, gamma, beta, running_mean, running_var, *, training, m
     rm = running_mean if running_mean is not None else mean
     rv = running_var if running_var is not None else mean
     bn_finalize_kernel[(triton.cdiv(c, FIN_BLOCK_C),)](
-        mean_t, m2_t, cnt, gamma, beta, rm, rv, mean, rstd, scale, shift, t, c,
-        float(momentum), float(eps), TRAINING=training, UPDATE=update,
+        mean_t, m2_t, cnt, gamma, beta, rm, rv, mean, rstd, scale, shift,
+        batches_tracked if batches_tracked is not None else mean, t, c, float(momentum), float(eps),
+        TRAINING=training, UPDATE=update, COUNT_BATCH=batches_tracked is not None,
         BLOCK_T=FIN_BLOCK_T, BLOCK_C=FIN_BLOCK_C)
     return mean, rstd, scale, shift
 
@@ -220,23 +234,26 @@ def bn_bwd_reduce(g, y, scale, shift, mean, rstd, act, slope):
     return s0, s1
 
 
-def bn_bwd_finalize(partials, gamma, mean, rstd, count, *, training):
-    """Returns (dgamma, dbeta, A, B, C), all fp32 [C]; `count` is this process's N*H*W.
+def bn_bwd_finalize(partials, gamma, mean, rstd, count, *, training, grads=None):
+    """Returns (dgamma, dbeta, A, B, C), all fp32 [C]; `count` is this process's N*H*W. grads:
+    fp32 (gamma.grad, beta.grad) to add dgamma, dbeta to (they are then returned as None).
 
     With sync BN (training), A, B, C come from the global sums and count, and dgamma, dbeta are
     this process's share of the global sums (divided by the world size): the data-parallel
     gradient average over processes then gives the global batch's gradient."""
     synced = training and _partials_sync is not None
+    grad_scale = 1.0
     if synced:
         partials = _partials_sync.gather(partials)
         count *= _partials_sync.world_size
+        grad_scale = 1.0 / _partials_sync.world_size
     s0, s1 = partials
     c, dev = gamma.numel(), gamma.device
-    out = [new_empty((c,), dev) for _ in range(5)]
+    dgamma, dbeta = grads if grads is not None else (new_empty((c,), dev), new_empty((c,), dev))
+    coeffs = [new_empty((c,), dev) for _ in range(3)]
     bn_bwd_finalize_kernel[(triton.cdiv(c, FIN_BLOCK_C),)](
-        s0, s1, s0.shape[0], c, float(count), gamma, mean, rstd, *out,
-        TRAINING=training, BLOCK_T=FIN_BLOCK_T, BLOCK_C=FIN_BLOCK_C)
-    if synced:
-        out[0].div_(_partials_sync.world_size)
-        out[1].div_(_partials_sync.world_size)
-    return tuple(out)
+        s0, s1, s0.shape[0], c, float(count), grad_scale, gamma, mean, rstd, dgamma, dbeta, *coeffs,
+        TRAINING=training, ACCUMULATE=grads is not None, BLOCK_T=FIN_BLOCK_T, BLOCK_C=FIN_BLOCK_C)
+    if grads is not None:
+        dgamma = dbeta = None
+    return (dgamma, dbeta, *coeffs)

@@ -5,7 +5,7 @@ for an output phase (ph, pw) in a PHW x PHW grid, GEMM row m = (n, mh, mw), GEMM
 channel co, reduction k = (th, tw, ci) over T x T taps (ci fastest, contiguous in NHWC):
 
     out[n, mh*OS + ph, mw*OS + pw, co] =
-        sum_{th, tw, ci} x[n, mh*IS + ph*PIN + IOFF + th*TSTEP, (same for w), ci] * Wp[phase, th, tw, ci, co]
+        sum_{th, tw, ci} x[n, mh*IS + ph*PIN + IOFF + th*TSTEP, (same for w), ci] * W[kh, kw, ci, co]
 
     Conv2d(s, p):            PHW=1, T=4, IS=s, OS=1, PIN=0, TSTEP=+1, IOFF=-p
     ConvTranspose2d(s2, p1): PHW=2, T=2, IS=1, OS=2, PIN=1, TSTEP=-1, IOFF=0   (the 4 phase GEMMs:
@@ -16,6 +16,12 @@ channel co, reduction k = (th, tw, ci) over T x T taps (ci fastest, contiguous i
 
 Conv2d's data gradient is ConvTranspose2d's forward and vice versa, so the same kernel is the
 dgrad of either. Taps falling outside the input are masked (zero AFTER the prologue transform).
+
+Weights are read in place in their kernel layout W[kh, kw, ci, co] (kernels/weights.py: the
+forward conv's input and output channels, contiguous), tap (th, tw) of phase (ph, pw) being
+kernel tap kh = weight_tap(ph, th) (kw likewise); the data gradient reads the same tensor with
+its two channel dims swapped (W_T), and the weight gradient is written in that layout too. So no
+weight is ever repacked per phase or per direction.
 
 Operand prologues (MODE): 0 raw; 1 a = act(x*scale + shift) (the producer's BN-apply and activation,
 so a whole network runs on raw conv outputs); 2 dy = A*g*act'(y*scale + shift) + B*y + C (the BN +
@@ -73,23 +79,6 @@ class Geom:
     def phases(self):
         return self.phw * self.phw
 
-    def tap_index(self):
-        """Kernel tap kh*4+kw of each (phase, th, tw) in packing order."""
-        idx = []
-        for ph in range(self.phw):
-            for pw in range(self.phw):
-                for th in range(self.t):
-                    for tw in range(self.t):
-                        idx.append(self._tap(ph, th) * 4 + self._tap(pw, tw))
-        return idx
-
-    def _tap(self, p, t):
-        if self.phw == 2:        # transposed s2p1: kh = (1 - ph) + 2*th
-            return 1 - p + 2 * t
-        if self.phw == 4:        # transposed s1p0 from 1x1: kh = ph
-            return p
-        return t                 # dense: kh = th
-
 
 def conv_out_size(transposed, stride, padding, size):
     return (size - 1) * stride - 2 * padding + 4 if transposed else (size + 2 * padding - 4) // stride + 1
@@ -106,37 +95,6 @@ def make_geom(transposed, stride, padding, ih, iw, oh, ow):
     return Geom(1, 4, 1, 1, 0, -1, padding, ih, iw, oh, ow, oh, ow)
 
 
-_TAP_CACHE = {}
-
-
-def _tap_tensor(geom, device):
-    key = (geom.phw, geom.t, str(device))
-    if key not in _TAP_CACHE:
-        _TAP_CACHE[key] = torch.tensor(geom.tap_index(), dtype=torch.long, device=device)
-    return _TAP_CACHE[key]
-
-
-def pack_weight(w, geom, kio, dtype):
-    """w in PyTorch layout -> [phases*T*T*Cin, Cout] (K-major rows (phase, th, tw, ci)) in dtype.
-    kio permutes w's dims to (kh, kw, gemm-in, gemm-out)."""
-    wk = w.detach().permute(*kio)
-    cin, cout = wk.shape[2], wk.shape[3]
-    wk = wk.reshape(16, cin, cout)
-    return wk.index_select(0, _tap_tensor(geom, w.device)).to(dtype).reshape(-1, cout).contiguous()
-
-
-def unpack_grad(dwp, geom, kio, w_shape):
-    """Inverse of pack_weight for a gradient: [phases*T*T*Cin, Cout] fp32 -> PyTorch layout."""
-    cout = dwp.shape[1]
-    cin = dwp.shape[0] // (geom.phases * geom.t * geom.t)
-    wk = torch.empty(16, cin, cout, device=dwp.device, dtype=dwp.dtype)
-    wk.index_copy_(0, _tap_tensor(geom, dwp.device), dwp.view(-1, cin, cout))
-    inv = [kio.index(i) for i in range(4)]
-    out = wk.view(4, 4, cin, cout).permute(*inv).contiguous()
-    assert tuple(out.shape) == tuple(w_shape)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
@@ -151,29 +109,66 @@ def _rows(rm, MH, MW, ph, pw, IOFF, IS: tl.constexpr, OS: tl.constexpr, PIN: tl.
 
 
 @triton.jit
-def _im2col(k0, rk, xrow, ih0, iw0, row_ok, CIN, IH, IW, KTOT,
-            T: tl.constexpr, TSTEP: tl.constexpr, ALIGNED: tl.constexpr):
-    # Offsets/mask of the [BLOCK_M, BLOCK_K] operand tile at reduction offset k0 (k = (th, tw, ci)).
-    # ALIGNED (CIN % BLOCK_K == 0): the whole K block lies in one tap, so the tap is a scalar and
-    # the spatial bounds are per row; otherwise (CIN = 3, nz = 100, ...) k is decoded per element
-    # so taps pack densely into K instead of padding each tap's channels to BLOCK_K.
+def _k_coords(k0, rk, CIN, ALIGNED: tl.constexpr):
+    # Tap and channel of the reduction indices k0 + rk (k = (th, tw, ci)). ALIGNED
+    # (CIN % BLOCK_K == 0): the whole K block lies in one tap, so the tap is a scalar; otherwise
+    # (CIN = 3, nz = 100, ...) it is decoded per k, so taps pack densely into K instead of padding
+    # each tap's channels to BLOCK_K.
     if ALIGNED:
         tap = k0 // CIN
         ci = tl.multiple_of(k0 - tap * CIN, 16) + rk
+    else:
+        kk = k0 + rk
+        tap = kk // CIN
+        ci = kk % CIN
+    return tap, ci
+
+
+@triton.jit
+def _im2col(k0, rk, xrow, ih0, iw0, row_ok, CIN, IH, IW, KTOT,
+            T: tl.constexpr, TSTEP: tl.constexpr, ALIGNED: tl.constexpr):
+    # Offsets/mask of the [BLOCK_M, BLOCK_K] operand tile at reduction offset k0, and its
+    # (tap, ci) coordinates; spatial bounds per row (ALIGNED) or per element.
+    tap, ci = _k_coords(k0, rk, CIN, ALIGNED)
+    if ALIGNED:
         ih = ih0 + (tap // T) * TSTEP
         iw = iw0 + (tap % T) * TSTEP
         ok = row_ok & (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
         offs = (xrow + (ih * IW + iw) * CIN)[:, None] + ci[None, :]
         ok = tl.broadcast_to(ok[:, None], offs.shape)
     else:
-        kk = k0 + rk
-        tap = kk // CIN
-        ci = kk % CIN
         ih = ih0[:, None] + ((tap // T) * TSTEP)[None, :]
         iw = iw0[:, None] + ((tap % T) * TSTEP)[None, :]
-        ok = row_ok[:, None] & (kk < KTOT)[None, :] & (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
+        ok = row_ok[:, None] & (k0 + rk < KTOT)[None, :] & (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
         offs = xrow[:, None] + (ih * IW + iw) * CIN + ci[None, :]
-    return offs, ok, ci
+    return offs, ok, ci, tap
+
+
+@triton.jit
+def _weight_tap(p, t, PHW: tl.constexpr):
+    # kernel row kh of tap t in output phase p (the same for columns): transposed stride 2
+    # (PHW 2) kh = 1 - p + 2t; from a 1x1 map (PHW 4, one tap) kh = p; dense (PHW 1) kh = t
+    if PHW == 2:
+        return 1 - p + 2 * t
+    elif PHW == 4:
+        return p + 0 * t
+    else:
+        return t + 0 * p
+
+
+@triton.jit
+def _weight_offsets(tap, ci, rn, ph, pw, CIN, COUT, PHW: tl.constexpr, T: tl.constexpr,
+                    W_T: tl.constexpr):
+    # Offsets of the [BLOCK_K, BLOCK_N] tile B[k = (tap, ci), n] in the kernel-layout weight
+    # W[kh, kw, c_in, c_out] (tap: a scalar, or per k for flat K). W_T: this GEMM runs the conv
+    # the other way (data gradient), its K channels are W's c_out and its N channels W's c_in.
+    kh = _weight_tap(ph, tap // T, PHW)
+    kw = _weight_tap(pw, tap % T, PHW)
+    base = (kh * 4 + kw) * (CIN * COUT)
+    if W_T:
+        return (base + ci)[:, None] + rn[None, :] * CIN
+    else:
+        return (base + ci * COUT)[:, None] + rn[None, :]
 
 
 @triton.jit
@@ -217,7 +212,7 @@ def conv_gemm_kernel(
     STORE_Y: tl.constexpr, STORE_A: tl.constexpr, EPI_AFFINE: tl.constexpr, EPI_ACT: tl.constexpr,
     STATS: tl.constexpr,
     PHW: tl.constexpr, T: tl.constexpr, IS: tl.constexpr, OS: tl.constexpr, PIN: tl.constexpr,
-    TSTEP: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr,
+    TSTEP: tl.constexpr, ALIGNED: tl.constexpr, W_T: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One program: a [BLOCK_M output pixels, BLOCK_N output channels] tile of one phase, K looped
@@ -230,23 +225,24 @@ def conv_gemm_kernel(
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     phase = tl.program_id(2)
+    ph = phase // PHW
+    pw = phase % PHW
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n, ih0, iw0, oh, ow = _rows(rm, MH, MW, phase // PHW, phase % PHW, IOFF, IS, OS, PIN)
+    n, ih0, iw0, oh, ow = _rows(rm, MH, MW, ph, pw, IOFF, IS, OS, PIN)
     row_ok = (rm < M) & (oh < OH) & (ow < OW)
     xrow = n * (IH * IW * CIN)
     rk = tl.arange(0, BLOCK_K)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = rn < COUT
     KTOT = T * T * CIN
-    w_base = w_ptr + phase * KTOT * COUT
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, KTOT, BLOCK_K):
-        offs, ok, ci = _im2col(k0, rk, xrow, ih0, iw0, row_ok, CIN, IH, IW, KTOT, T, TSTEP, ALIGNED)
+        offs, ok, ci, tap = _im2col(k0, rk, xrow, ih0, iw0, row_ok, CIN, IH, IW, KTOT, T, TSTEP,
+                                    ALIGNED)
         a = _load_operand(x_ptr, g_ptr, offs, ok, ci, CIN, ps_ptr, pb_ptr, pca_ptr, pcb_ptr, pcc_ptr,
                           pro_slope, PRO, PRO_AFFINE, PRO_ACT)
-        kk = k0 + rk
-        b = tl.load(w_base + kk[:, None] * COUT + rn[None, :],
-                    mask=(kk < KTOT)[:, None] & col_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + _weight_offsets(tap, ci, rn, ph, pw, CIN, COUT, PHW, T, W_T),
+                    mask=(k0 + rk < KTOT)[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PREC)
 
     optr = ((n * (OH * OW) + oh * OW + ow) * COUT)[:, None] + rn[None, :]
@@ -290,15 +286,18 @@ def conv_wgrad_kernel(
     TSTEP: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Weight gradient dWp[phase] = im2col(x)^T @ dy as a split-K GEMM: one program owns a
+    # Weight gradient dW[taps of phase] = im2col(x)^T @ dy as a split-K GEMM: one program owns a
     # [BLOCK_K weight rows (th, tw, ci), BLOCK_N output channels] tile and one of SPLIT slices of
-    # the (huge) pixel reduction, and adds its fp32 partial into dw with atomics. The forward
+    # the (huge) pixel reduction, and adds its fp32 partial into dw (kernel layout; every weight
+    # tap belongs to exactly one phase) with atomics, so dw may already hold a gradient. The forward
     # input comes through the producer's prologue (MODE 1) and dy through the BN/act backward
     # prologue (MODE 2), so neither is materialized.
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     phase = tl.program_id(2) // SPLIT
     split = tl.program_id(2) % SPLIT
+    ph = phase // PHW
+    pw = phase % PHW
     k0 = pid_k * BLOCK_K
     rk = tl.arange(0, BLOCK_K)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -309,10 +308,10 @@ def conv_wgrad_kernel(
     acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     for m0 in range(m_lo, m_hi, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
-        n, ih0, iw0, oh, ow = _rows(rm, MH, MW, phase // PHW, phase % PHW, IOFF, IS, OS, PIN)
+        n, ih0, iw0, oh, ow = _rows(rm, MH, MW, ph, pw, IOFF, IS, OS, PIN)
         row_ok = (rm < m_hi) & (oh < OH) & (ow < OW)
-        offs, ok, ci = _im2col(k0, rk, n * (IH * IW * CIN), ih0, iw0, row_ok, CIN, IH, IW, KTOT,
-                               T, TSTEP, ALIGNED)
+        offs, ok, ci, _ = _im2col(k0, rk, n * (IH * IW * CIN), ih0, iw0, row_ok, CIN, IH, IW,
+                                  KTOT, T, TSTEP, ALIGNED)
         a = _load_operand(x_ptr, x_ptr, offs, ok, ci, CIN, ps_ptr, pb_ptr, ps_ptr, ps_ptr, ps_ptr,
                           pro_slope, PRO, PRO_AFFINE, PRO_ACT)
         optr = ((n * (OH * OW) + oh * OW + ow) * COUT)[:, None] + rn[None, :]
@@ -320,9 +319,9 @@ def conv_wgrad_kernel(
                            qs_ptr, qb_ptr, qca_ptr, qcb_ptr, qcc_ptr, out_slope, 2, OUT_AFFINE, OUT_ACT)
         acc = tl.dot(tl.trans(a.to(x_ptr.dtype.element_ty)), dy.to(x_ptr.dtype.element_ty), acc,
                      input_precision=DOT_PREC)
-    kk = k0 + rk
-    tl.atomic_add(dw_ptr + (phase * KTOT + kk)[:, None] * COUT + rn[None, :], acc,
-                  mask=(kk < KTOT)[:, None] & col_ok[None, :], sem="relaxed")
+    tap, ci = _k_coords(k0, rk, CIN, ALIGNED)
+    tl.atomic_add(dw_ptr + _weight_offsets(tap, ci, rn, ph, pw, CIN, COUT, PHW, T, False), acc,
+                  mask=(k0 + rk < KTOT)[:, None] & col_ok[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -503,12 +502,13 @@ def _dot_prec(dtype):
     return fp32_precision() if dtype == torch.float32 else "tf32"
 
 
-def conv_gemm(x, wp, geom, cout, *, pro=None, bwd=None, store_y=True, epi=None, store_a=False,
-              stats=0, prod=None):
+def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, epi=None,
+              store_a=False, stats=0, prod=None):
     """Runs conv_gemm_kernel over all phases.
 
     x: NHWC input [N, IH, IW, CIN] (with prologue `pro`: Xform) or, for the dgrad, `bwd`
-    (BwdOperand whose y/g are the input). Returns (y, a, partials): y the raw output (store_y),
+    (BwdOperand whose y/g are the input). w: the kernel-layout weight [4, 4, CIN, cout], or with
+    w_t (the data gradient) [4, 4, cout, CIN]. Returns (y, a, partials): y the raw output (store_y),
     a = act(y*epi.scale + epi.shift) (store_a), partials per `stats` (1: BN forward (mean_t, m2_t,
     cnt); 2: BN backward sums of the producer `prod` = (y, scale, shift, mean, rstd, act, slope)).
     """
@@ -527,7 +527,7 @@ def conv_gemm(x, wp, geom, cout, *, pro=None, bwd=None, store_y=True, epi=None, 
     shape = (nb, geom.oh, geom.ow, cout)
     y = new_empty(shape, dev, dtype) if store_y else None
     a = new_empty(shape, dev, dtype) if store_a else None
-    dummy = wp
+    dummy = w
     st0 = st1 = cnt = dummy
     partials = None
     if stats:
@@ -559,13 +559,13 @@ def conv_gemm(x, wp, geom, cout, *, pro=None, bwd=None, store_y=True, epi=None, 
         e_act = epi.act if epi is not None else 0
         e_slope = epi.slope if epi is not None else 0.0
         evec = (epi.scale, epi.shift, dummy, dummy, dummy) if e_aff else (dummy,) * 5
-    args = (xin, gin, wp, y if store_y else dummy, a if store_a else dummy, *pvec, *evec,
+    args = (xin, gin, w, y if store_y else dummy, a if store_a else dummy, *pvec, *evec,
             st0, st1, cnt, m, cin, cout, ih, iw, geom.oh, geom.ow, geom.mh, geom.mw, geom.ioff,
             float(p_slope), float(e_slope))
     consts = dict(PRO=mode, PRO_AFFINE=p_aff, PRO_ACT=p_act, STORE_Y=store_y, STORE_A=store_a,
                   EPI_AFFINE=e_aff, EPI_ACT=e_act, STATS=stats, PHW=geom.phw, T=geom.t,
                   IS=geom.in_s, OS=geom.out_s, PIN=geom.pin, TSTEP=geom.tstep, ALIGNED=aligned,
-                  DOT_PREC=_dot_prec(dtype), BLOCK_M=bm, BLOCK_K=bk)
+                  W_T=w_t, DOT_PREC=_dot_prec(dtype), BLOCK_M=bm, BLOCK_K=bk)
     tiles = [({"BLOCK_N": bn}, w, s) for bn, w, s in cands]
     grid = lambda meta: (triton.cdiv(cout, meta["BLOCK_N"]), n_mt, geom.phases)  # noqa: E731
     launch(conv_gemm_kernel, grid, args, consts, tiles,
@@ -573,8 +573,9 @@ def conv_gemm(x, wp, geom, cout, *, pro=None, bwd=None, store_y=True, epi=None, 
     return y, a, partials
 
 
-def conv_wgrad(x, pro, bwd, geom):
-    """fp32 dWp [phases*T*T*CIN, COUT] = sum over pixels of im2col(pro(x))^T @ dy(bwd)."""
+def conv_wgrad(x, pro, bwd, geom, dw=None):
+    """Adds sum over pixels of im2col(pro(x))^T @ dy(bwd) into the fp32 kernel-layout weight
+    gradient dw [4, 4, CIN, COUT] (zeros when None) and returns it."""
     nb, ih, iw, cin = x.shape
     cout = bwd.y.shape[-1]
     dev, dtype = x.device, x.dtype
@@ -593,7 +594,8 @@ def conv_wgrad(x, pro, bwd, geom):
     split = max(1, min(split, triton.cdiv(m, 256)))
     m_split = triton.cdiv(triton.cdiv(m, split), 128) * 128
     split = triton.cdiv(m, m_split)
-    dw = torch.zeros(geom.phases * ktot, cout, device=dev, dtype=torch.float32)
+    if dw is None:
+        dw = torch.zeros(4, 4, cin, cout, device=dev, dtype=torch.float32)
     p_aff = pro is not None and pro.scale is not None
     pvec = (pro.scale, pro.shift) if p_aff else (dw, dw)
     q_aff = bwd.scale is not None
@@ -616,17 +618,18 @@ def conv_wgrad(x, pro, bwd, geom):
 GEMV_BLOCK_B, GEMV_BLOCK_K = 16, 256
 
 
-def gemv(x, wp, cout, *, pro=None, epi=None, store_y=True, store_a=False):
-    """out[n, 0, 0, co] for a conv whose 4x4 kernel covers the whole (4x4) input, no BN."""
+def gemv(x, w, cout, *, pro=None, epi=None, store_y=True, store_a=False):
+    """out[n, 0, 0, co] for a conv whose 4x4 kernel covers the whole (4x4) input, no BN; w is the
+    kernel-layout weight [4, 4, CIN, cout], i.e. the GEMV's [K = (h, w, ci), cout] matrix."""
     nb, ih, iw, cin = x.shape
     k = ih * iw * cin
     shape = (nb, 1, 1, cout)
     y = new_empty(shape, x.device, x.dtype) if store_y else None
     a = new_empty(shape, x.device, x.dtype) if store_a else None
     p_aff = pro is not None and pro.scale is not None
-    pvec = (pro.scale, pro.shift) if p_aff else (wp, wp)
+    pvec = (pro.scale, pro.shift) if p_aff else (w, w)
     gemv_kernel[(triton.cdiv(nb, GEMV_BLOCK_B), cout)](
-        x, wp, y if store_y else wp, a if store_a else wp, *pvec, nb, k, cin, cout,
+        x, w, y if store_y else w, a if store_a else w, *pvec, nb, k, cin, cout,
         float(pro.slope if pro else 0.0), float(epi.slope if epi else 0.0),
         PRO=1 if pro is not None else 0, PRO_AFFINE=p_aff, PRO_ACT=pro.act if pro else 0,
         STORE_Y=store_y, STORE_A=store_a, EPI_ACT=epi.act if epi else 0,

@@ -8,14 +8,19 @@ Backward, from the last block down: BN coefficients -> weight gradient (split-K)
 whose epilogue also reduces the producer's BN backward sums (sum dz, sum dz*xhat with
 dz = g*act'(z) recomputed from the producer's saved y), so each block's backward is two GEMMs and
 two tiny finalize kernels, with no separate elementwise pass.
+
+Weights are read in kernel layout (kernels/weights.py), cast for all blocks at once; inside
+weights.training_step() the weight and BN-parameter gradients are accumulated by the kernels
+straight into the parameters' .grad (autograd then gets None for them).
 """
 import torch
 from torch.autograd.function import once_differentiable
 
 from .block import BlockOut, block_backward, block_forward
 from .implicit_gemm import Xform
+from .weights import grad_sink, kernel_weights, torch_view
 
-_PER_BLOCK = 5   # weight, gamma, beta, running_mean, running_var
+_PER_BLOCK = 6   # weight, gamma, beta, running_mean, running_var, num_batches_tracked
 
 
 class NetworkFunction(torch.autograd.Function):
@@ -23,18 +28,21 @@ class NetworkFunction(torch.autograd.Function):
     def forward(ctx, x, specs, *tensors):
         cur, pro = x.permute(0, 2, 3, 1).contiguous(), None
         xh = cur
+        wks = _kernel_weights(specs, tensors, cur.dtype)
         outs = []
         for i, spec in enumerate(specs):
-            w, gamma, beta, rm, rv = tensors[_PER_BLOCK * i:_PER_BLOCK * (i + 1)]
-            out = block_forward(cur, pro, w, gamma, beta, rm, rv, spec, keep_y=True,
-                                materialize=i == len(specs) - 1)
+            _, gamma, beta, rm, rv, nbt = tensors[_PER_BLOCK * i:_PER_BLOCK * (i + 1)]
+            out = block_forward(cur, pro, wks[i], gamma, beta, rm, rv, spec, keep_y=True,
+                                materialize=i == len(specs) - 1, batches_tracked=nbt)
             outs.append(out)
             cur, pro = out.y, out.xform
         ctx.specs = specs
         ctx.geoms = [o.geom for o in outs]
+        # the parameters themselves (leaves, not saved tensors): backward looks up their .grad
+        ctx.params = [tensors[_PER_BLOCK * i:_PER_BLOCK * i + 3] for i in range(len(specs))]
         saved = [xh]
         for i, o in enumerate(outs):
-            saved += [tensors[_PER_BLOCK * i], tensors[_PER_BLOCK * i + 1], o.y, o.mean, o.rstd,
+            saved += [wks[i], tensors[_PER_BLOCK * i + 1], o.y, o.mean, o.rstd,
                       o.xform.scale, o.xform.shift]
         ctx.save_for_backward(*saved)
         return outs[-1].a.permute(0, 3, 1, 2)
@@ -50,7 +58,7 @@ class NetworkFunction(torch.autograd.Function):
             out = BlockOut(y, None, Xform(scale, shift, spec.act, spec.slope), mean, rstd, ctx.geoms[i])
             blocks.append((w, gamma, out))
         need = ctx.needs_input_grad
-        # grads: x, specs, then (weight, gamma, beta, rm, rv) per block
+        # grads: x, specs, then (weight, gamma, beta, rm, rv, num_batches_tracked) per block
         grads = [None] * (2 + _PER_BLOCK * len(specs))
         # a block's dgrad is needed when anything below it wants a gradient
         below = [need[0]]
@@ -73,11 +81,19 @@ class NetworkFunction(torch.autograd.Function):
                     prod = (pout.y, pout.xform.scale, pout.xform.shift, pout.mean, pout.rstd,
                             pspec.act, pspec.slope)
             base = 2 + _PER_BLOCK * i
+            weight, gparam, bparam = ctx.params[i]
+            dw_sink = grad_sink(weight, spec.transposed) if need[base] else None
+            bn_sinks = None
+            if spec.bn and need[base + 1] and need[base + 2]:
+                bn_sinks = (grad_sink(gparam), grad_sink(bparam))
+                if any(t is None for t in bn_sinks):
+                    bn_sinks = None
             dx, dw, dgamma, dbeta, prev_partials = block_backward(
                 g, x, pro, w, gamma, out, spec, need_dx=below[i], need_dw=need[base],
-                partials=partials, prod=prod)
-            grads[base] = dw
-            if spec.bn:
+                dw=dw_sink, bn_grads=bn_sinks, partials=partials, prod=prod)
+            if dw is not None and dw_sink is None:
+                grads[base] = torch_view(dw, spec.transposed).to(weight.dtype)
+            if spec.bn and bn_sinks is None:
                 grads[base + 1] = dgamma.to(gamma.dtype) if need[base + 1] else None
                 grads[base + 2] = dbeta.to(gamma.dtype) if need[base + 2] else None
             g, partials = dx, prev_partials
@@ -88,17 +104,24 @@ class NetworkFunction(torch.autograd.Function):
         return tuple(grads)
 
 
+def _kernel_weights(specs, tensors, dtype):
+    return kernel_weights([tensors[_PER_BLOCK * i] for i in range(len(specs))],
+                          [spec.transposed for spec in specs], dtype)
+
+
 def run_network(x, specs, tensors):
-    """Runs the chain; tensors = (weight, gamma, beta, running_mean, running_var) per block."""
+    """Runs the chain; tensors = (weight, gamma, beta, running_mean, running_var,
+    num_batches_tracked) per block (None where absent)."""
     needs = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, *tensors))
     if needs:
         return NetworkFunction.apply(x, tuple(specs), *tensors)
     with torch.no_grad():
         cur, pro = x.permute(0, 2, 3, 1).contiguous(), None
+        wks = _kernel_weights(specs, tensors, cur.dtype)
         for i, spec in enumerate(specs):
-            w, gamma, beta, rm, rv = tensors[_PER_BLOCK * i:_PER_BLOCK * (i + 1)]
-            out = block_forward(cur, pro, w, gamma, beta, rm, rv, spec, keep_y=False,
-                                materialize=i == len(specs) - 1)
+            _, gamma, beta, rm, rv, nbt = tensors[_PER_BLOCK * i:_PER_BLOCK * (i + 1)]
+            out = block_forward(cur, pro, wks[i], gamma, beta, rm, rv, spec, keep_y=False,
+                                materialize=i == len(specs) - 1, batches_tracked=nbt)
             cur, pro = (out.y, out.xform) if out.a is None else (out.a, None)
         return cur.permute(0, 3, 1, 2)

@@ -11,7 +11,7 @@ from fastdcgan import Discriminator, Generator
 from fastdcgan.data import EpochBatches, load_dataset
 from fastdcgan.optim import FusedAdam
 from fastdcgan.step import CapturedStep, EagerStep, GanStep, _frozen
-from precision import needs_cuda, rel_err
+from precision import interpreter_only, needs_cuda, rel_err
 
 NZ = 16
 
@@ -78,6 +78,36 @@ def test_gan_step_matches_the_pytorch_examples_loop(optimizer, steps):
                 assert torch.equal(a, b), name
     # D was frozen for the G update only
     assert all(p.requires_grad for p in D.parameters())
+
+
+@interpreter_only
+def test_triton_step_matches_the_reference_backend():
+    """GanStep with the triton backend (interpreter: weights read in place in kernel layout, D's
+    real and fake gradients accumulated by the kernels into FusedAdam's buffers, BN counters
+    bumped by the finalize kernel) against the reference backend from the same weights and
+    batches, over two steps: losses, every gradient, the updated parameters and BN buffers."""
+    G, D = _models(2, 2, "triton", "cpu")
+    Gr, Dr = _models(2, 2, "reference", "cpu")
+    Gr.load_state_dict(G.state_dict())
+    Dr.load_state_dict(D.state_dict())
+    ours = GanStep(G, D, FusedAdam(G.parameters()), FusedAdam(D.parameters()))
+    ref = GanStep(Gr, Dr, FusedAdam(Gr.parameters()), FusedAdam(Dr.parameters()))
+    batches = _batches(4, "cpu", n=16)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        real = batches.next_batch()
+        z = torch.randn(4, NZ, 1, 1, generator=gen)
+        stats, stats_ref = ours(real, z), ref(real, z)
+        for k in stats:
+            assert rel_err(stats[k], stats_ref[k]) < 1e-5, k
+        # after the step: G's grads are loss_g's, D's loss_d's (D is frozen for the G update)
+        for m, mr in ((G, Gr), (D, Dr)):
+            for (name, a), (_, b) in zip(m.named_parameters(), mr.named_parameters()):
+                assert rel_err(a.grad, b.grad) < 1e-4, f"grad {name}"
+                assert rel_err(a, b) < 1e-5, name
+            for (name, a), (_, b) in zip(m.named_buffers(), mr.named_buffers()):
+                assert (rel_err(a, b) < 1e-5) if a.is_floating_point() else torch.equal(a, b), name
+    assert int(G.main[1].num_batches_tracked) == 2 and int(D.main[3].num_batches_tracked) == 6
 
 
 def test_frozen_restores_requires_grad_after_an_error():
