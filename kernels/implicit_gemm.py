@@ -498,8 +498,22 @@ class BwdOperand:
     slope: float
 
 
-def _dot_prec(dtype):
-    return fp32_precision() if dtype == torch.float32 else "tf32"
+# fp32 GEMMs with a reduction this short (D's first layer: K = 3*16, G's first: K = nz = 100) are
+# memory-bound, so they use 3xTF32 (fp32-accurate) at no cost in time: with plain TF32 their
+# outputs' rounding flips the sign of pre-activations near zero, and the ReLU/LeakyReLU
+# derivative with them, which the data gradient then carries (cuDNN runs these small-K
+# convolutions in exact fp32).
+EXACT_K_MAX = 128
+
+
+def _dot_prec(dtype, ktot=None):
+    """tl.dot input_precision of a GEMM over a reduction of ktot (None: a long one)."""
+    if dtype != torch.float32:
+        return "tf32"   # ignored for 16-bit operands
+    prec = fp32_precision()
+    if prec == "tf32" and ktot is not None and ktot <= EXACT_K_MAX:
+        return "tf32x3"
+    return prec
 
 
 def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, epi=None,
@@ -565,7 +579,8 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
     consts = dict(PRO=mode, PRO_AFFINE=p_aff, PRO_ACT=p_act, STORE_Y=store_y, STORE_A=store_a,
                   EPI_AFFINE=e_aff, EPI_ACT=e_act, STATS=stats, PHW=geom.phw, T=geom.t,
                   IS=geom.in_s, OS=geom.out_s, PIN=geom.pin, TSTEP=geom.tstep, ALIGNED=aligned,
-                  W_T=w_t, DOT_PREC=_dot_prec(dtype), BLOCK_M=bm, BLOCK_K=bk)
+                  W_T=w_t, DOT_PREC=_dot_prec(dtype, geom.t * geom.t * cin), BLOCK_M=bm,
+                  BLOCK_K=bk)
     tiles = [({"BLOCK_N": bn}, w, s) for bn, w, s in cands]
     grid = lambda meta: (triton.cdiv(cout, meta["BLOCK_N"]), n_mt, geom.phases)  # noqa: E731
     launch(conv_gemm_kernel, grid, args, consts, tiles,

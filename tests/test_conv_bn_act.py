@@ -145,3 +145,18 @@ def test_dcgan_layers_gpu(layer, mode, training, monkeypatch):
     dtype = gpu_mode(mode, monkeypatch)
     ref, x = make_case(32, cin, cout, hw, stride, pad, bn, act, dtype=dtype)
     check(ref, x, dtype, stride, pad, act, training, tol=GPU_TOL[mode])
+
+
+def test_short_reductions_use_fp32_accurate_dots(monkeypatch):
+    """TF32 GEMMs, except the memory-bound ones with K <= 128 (D's first layer, G's first):
+    3xTF32 there, so their rounding does not flip activation derivatives (as cuDNN's exact
+    small-K kernels do not); FASTDCGAN_FP32_PRECISION=ieee makes every fp32 GEMM exact."""
+    from fastdcgan.kernels.implicit_gemm import _dot_prec
+
+    monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "tf32")
+    assert _dot_prec(torch.float32, 3 * 16) == "tf32x3"
+    assert _dot_prec(torch.float32, 100) == "tf32x3"
+    assert _dot_prec(torch.float32, 64 * 4) == "tf32"
+    assert _dot_prec(torch.float32) == "tf32"
+    monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
+    assert _dot_prec(torch.float32, 48) == "ieee" and _dot_prec(torch.float32, 4096) == "ieee"
