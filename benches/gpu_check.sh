@@ -14,7 +14,8 @@ mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 step() { echo; echo "=== $* ($(date +%T))"; }
-failures() { grep -E "^(FAILED|ERROR)|^E  .*(assert|Error)" "$1" | head -${2:-30}; }
+# failing tests with their assertion lines (which quantity, which values)
+failures() { grep -E "^(FAILED|ERROR)|^E   |crashed" "$1" | head -${2:-40}; }
 
 step environment
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/build.log"
@@ -50,6 +51,15 @@ timeout ${STEP_TEST_TIMEOUT:-200} $py -m pytest -q -p no:cacheprovider -n 4 --tb
   tests/test_optim.py tests/test_loss.py tests/test_step.py >"$OUT/tests_step.log" 2>&1
 tail -2 "$OUT/tests_step.log"; failures "$OUT/tests_step.log"
 
+step "adam_step argument checks (segfaulted here before): C stack of a crash"
+if command -v gdb >/dev/null; then
+  timeout 60 gdb -q -batch -ex run -ex bt --args $py -X faulthandler -m pytest -q -p no:cacheprovider \
+    -p no:xdist tests/test_optim.py -k op_checks_arguments 2>&1 | grep -vE "^\[(New|Thread)" | tail -25
+else
+  timeout 60 $py -X faulthandler -m pytest -q -p no:cacheprovider -p no:xdist tests/test_optim.py \
+    -k op_checks_arguments 2>&1 | tail -25
+fi
+
 step "train step vs peers"
 timeout ${TABLE_TIMEOUT:-150} $py benches/step_table.py --batches 128,512 --steps 20 --uncaptured \
   2>&1 | tee "$OUT/steps.md" | tail -16
@@ -68,6 +78,10 @@ if [ -z "${SKIP_TUNE:-}" ]; then
   FASTDCGAN_TILES=$OUT/tiles.json timeout 90 $py benches/step_table.py --batches 128,512 --steps 20 \
     --peers none 2>&1 | tee -a "$OUT/steps.md" | tail -6
 fi
+
+step "Generator inference B=512 (ours, captured, peers)"
+timeout 90 $py -m pytest -q -p no:cacheprovider benches/bench_generator.py --benchmark-only \
+  --benchmark-columns=median,min --benchmark-sort=name 2>&1 | grep -E "test_generator|passed|failed|Error" | tail -14
 
 step "optimizer"
 timeout 45 $py -m pytest -q -p no:cacheprovider benches/bench_optim.py --benchmark-only -k cuda \

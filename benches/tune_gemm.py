@@ -26,18 +26,22 @@ from layer_table import LAYERS
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # gemm: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); bf16 K rows of 64 (128 bytes), fp32 32
+# The last two per dtype: deeper pipelines (5 stages, or a 128-wide K step): with cp.async loads
+# and one CTA per SM, 3 stages may not cover the L2 latency of a short K iteration.
 FWD_CONFIGS = {
     "bf16": [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-             (128, 128, 32, 8, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3)],
+             (128, 128, 32, 8, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+             (128, 128, 64, 8, 5), (128, 128, 128, 8, 3)],
     "fp32": [(128, 128, 32, 8, 3), (128, 128, 32, 4, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
-             (64, 64, 32, 4, 4), (256, 128, 32, 8, 3), (128, 128, 16, 4, 4)],
+             (64, 64, 32, 4, 4), (256, 128, 32, 8, 3), (128, 128, 16, 4, 4),
+             (128, 128, 32, 8, 5), (128, 128, 64, 8, 3)],
 }
 # wgrad: (BLOCK_K weight rows, BLOCK_N, BLOCK_M pixels per step, num_warps, num_stages)
 WGRAD_CONFIGS = {
     "bf16": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 32, 8, 4),
-             (64, 64, 128, 4, 3)],
+             (64, 64, 128, 4, 3), (128, 128, 64, 8, 5)],
     "fp32": [(64, 128, 32, 8, 3), (64, 64, 64, 4, 3), (128, 64, 32, 8, 3), (32, 128, 64, 4, 3),
-             (64, 128, 64, 8, 2)],
+             (64, 128, 64, 8, 2), (64, 128, 32, 8, 5)],
 }
 BATCHES = (128, 512)
 

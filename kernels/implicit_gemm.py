@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 import triton.testing
+from triton.runtime.errors import OutOfResources
 
 from .activations import act_grad, apply_act
 from .memory import new_empty
@@ -453,19 +454,40 @@ def tile_key(kind, geom, cin, cout, m_rows, dtype):
 
 
 _TUNED = {}
-
-
 def _bench(fn, quantiles):
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
+# (kernel, specialization, config) -> the pipeline depth that fits, for configs whose shared
+# memory exceeds the GPU's at their tuned depth: a forward shape's tile also serves the other
+# network's data gradient, whose prologue stages two A tensors (g and y) per pipeline stage.
+_FITTED_STAGES = {}
+
+
+def _launch_one(kernel, grid, args, consts, cfg):
+    def fit_key():
+        return (kernel, tuple(sorted(consts.items())), tuple(sorted(cfg.kwargs.items())),
+                cfg.num_warps, cfg.num_stages)
+
+    stages = _FITTED_STAGES.get(fit_key(), cfg.num_stages) if _FITTED_STAGES else cfg.num_stages
+    while True:
+        try:
+            kernel[grid(cfg.kwargs)](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps,
+                                     num_stages=stages)
+            break
+        except OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+            _FITTED_STAGES[fit_key()] = stages
+
+
 def launch(kernel, grid, args, consts, cands, key, reset=None):
-    """Launches `kernel` with the first candidate config, or autotunes the candidates (GPU)."""
+    """Launches `kernel` with the first candidate config (with fewer pipeline stages if it does
+    not fit the GPU's shared memory), or autotunes the candidates (GPU)."""
     configs = [triton.Config(dict(c), num_warps=w, num_stages=s) for c, w, s in cands]
     if not AUTOTUNE or len(configs) == 1:
-        cfg = configs[0]
-        kernel[grid(cfg.kwargs)](*args, **consts, **cfg.kwargs,
-                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _launch_one(kernel, grid, args, consts, configs[0])
         return
     tkey = (kernel, tuple((tuple(sorted(c.items())), w, s) for c, w, s in cands))
     tuned = _TUNED.get(tkey)

@@ -160,3 +160,32 @@ def test_short_reductions_use_fp32_accurate_dots(monkeypatch):
     assert _dot_prec(torch.float32) == "tf32"
     monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
     assert _dot_prec(torch.float32, 48) == "ieee" and _dot_prec(torch.float32, 4096) == "ieee"
+
+
+def test_a_config_too_big_for_shared_memory_runs_with_fewer_stages():
+    """A tuned tile whose pipeline does not fit (a forward shape's tile reused by a data gradient,
+    which stages two operand tensors) is launched again with one stage fewer until it fits, and
+    the depth that fitted is remembered."""
+    import triton
+    from triton.runtime.errors import OutOfResources
+
+    from fastdcgan.kernels import implicit_gemm as ig
+
+    class FakeKernel:
+        def __init__(self):
+            self.tried = []
+
+        def __getitem__(self, grid):
+            def run(*args, num_stages, **kw):
+                self.tried.append(num_stages)
+                if num_stages > 2:
+                    raise OutOfResources(240000, 232448, "shared memory")
+            return run
+
+    kernel = FakeKernel()
+    cfg = triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=4)
+    ig._launch_one(kernel, lambda meta: (1,), (), {"MODE": 2}, cfg)
+    assert kernel.tried == [4, 3, 2]
+    ig._launch_one(kernel, lambda meta: (1,), (), {"MODE": 2}, cfg)
+    assert kernel.tried == [4, 3, 2, 2]
+    ig._FITTED_STAGES.clear()
