@@ -1,7 +1,8 @@
 """Sample faces from a trained generator: `python -m fastdcgan.generate --checkpoint CKPT`.
 
 Accepts a fastdcgan checkpoint (checkpoint.pt from fastdcgan.train) or a bare pytorch/examples
-`netG_epoch_N.pth`. Writes one PNG grid.
+`netG_epoch_N.pth`. Writes one PNG grid. On a GPU the eval-mode generator is sampled through a
+CUDA graph (fastdcgan.sampler.CapturedGenerator).
 """
 import argparse
 import sys
@@ -12,30 +13,54 @@ from fastdcgan.checkpoint import CheckpointError, load_generator
 from fastdcgan.images import save_grid
 from fastdcgan.latent import interpolation_latents
 from fastdcgan.models import BACKENDS, resolve_device
+from fastdcgan.sampler import CapturedGenerator
 
 
-def generate(generator, num, seed=0, train_bn=False, batch_size=512):
+def generate(generator, num, seed=0, train_bn=False, batch_size=512, cuda_graph=True):
     """num images in [-1, 1] from N(0, I) latents drawn with `seed` (same seed, same images)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    return generate_from(generator, torch.randn(num, generator.nz, generator=gen), train_bn, batch_size)
+    return generate_from(generator, torch.randn(num, generator.nz, generator=gen), train_bn, batch_size,
+                         cuda_graph)
 
 
-def generate_from(generator, z, train_bn=False, batch_size=512):
+def generate_from(generator, z, train_bn=False, batch_size=512, cuda_graph=True):
     """Images for latents z (N, nz).
 
     train_bn=False uses the running BN statistics (G.eval()), as at deployment; True normalises
     with each batch's own statistics, as during training (the two differ, most early in training).
+    cuda_graph: on a GPU, an eval-mode generator runs as one CUDA graph per batch_size latents
+    (fastdcgan.sampler), else op by op.
     """
     z = z.to(next(generator.parameters()).device)
     was_training = generator.training
     generator.train(train_bn)
     try:
+        if cuda_graph and not train_bn and z.is_cuda:
+            return _sample_captured(generator, z, batch_size)
         with torch.no_grad():
             # Batch statistics depend on the batch, so train_bn runs all latents as one batch.
             chunks = [z] if train_bn else z.split(batch_size)
             return torch.cat([generator(zb) for zb in chunks])
     finally:
         generator.train(was_training)
+
+
+def _sample_captured(generator, z, batch_size):
+    """Eval-mode images for z through one graph of min(batch_size, N) latents: the last partial
+    batch is padded with zero latents whose images are dropped (eval-mode outputs are per-sample,
+    so the padding changes nothing)."""
+    sampler = CapturedGenerator(generator, min(batch_size, len(z)))
+    b, out = sampler.batch_size, None
+    for start in range(0, len(z), b):
+        zb = z[start:start + b]
+        n = len(zb)
+        if n < b:
+            zb = torch.cat([zb, zb.new_zeros((b - n,) + zb.shape[1:])])
+        images = sampler(zb)
+        if out is None:
+            out = images.new_empty((len(z),) + images.shape[1:])
+        out[start:start + n] = images[:n]
+    return out
 
 
 def build_parser():
@@ -55,6 +80,8 @@ def build_parser():
     p.add_argument("--train-bn", action="store_true",
                    help="normalise with batch statistics instead of the running ones (G.eval(), "
                         "the default); early in training the two give visibly different images")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="on a GPU, run the generator op by op instead of replaying a CUDA graph")
     return p
 
 
@@ -71,9 +98,10 @@ def main(argv=None):
         return 1
     if args.interpolate > 0:
         z = interpolation_latents(args.interpolate, args.nrow, G.nz, seed=args.seed)
-        images = generate_from(G, z, train_bn=args.train_bn)
+        images = generate_from(G, z, train_bn=args.train_bn, cuda_graph=args.cuda_graph)
     else:
-        images = generate(G, args.num, seed=args.seed, train_bn=args.train_bn)
+        images = generate(G, args.num, seed=args.seed, train_bn=args.train_bn,
+                          cuda_graph=args.cuda_graph)
     save_grid(images, args.out, nrow=args.nrow)
     print(f"wrote {len(images)} images to {args.out}")
     return 0
