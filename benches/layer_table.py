@@ -1,8 +1,9 @@
 """Per-layer speed table: fastdcgan's fused conv/convT+BN+act ops vs the eager PyTorch sequence
 (cuDNN conv + BatchNorm2d + activation, same dtype, channels_last), every DCGAN layer, forward and
 forward+backward (training-mode BN), fp32 (TF32 on both sides) and bf16, B = 128 and 512; then the
-Generator's inference at B = 512 (ours vs eager vs torch.compile) and whole-network training
-forward+backward at B = 128 (ours: the chained fused network).
+Generator's inference at B = 512 (ours vs eager vs torch.compile, and each model replayed from a
+CUDA graph: ours vs the best peer) and whole-network training forward+backward at B = 128 (ours:
+the chained fused network).
 
 Timing: triton.testing.do_bench (CUDA events, median). Prints a markdown table.
     python benches/layer_table.py [--batches 128,512] [--dtypes fp32,bf16] [--no-compile]
@@ -80,14 +81,19 @@ def bench(fn):
 
 
 def generator_cases(batch, dtype, compiled):
-    """Generator inference (eval, no grad): {name: callable}."""
+    """Generator inference (eval, no grad): {name: callable}. "ours (CUDA graph)" and
+    "eager + CUDA graph" replay each model through fastdcgan.sampler.CapturedGenerator (the
+    z copy into the graph's input included): the same host-overhead removal on both sides."""
     from fastdcgan import Generator
+    from fastdcgan.sampler import CapturedGenerator
 
     torch.manual_seed(0)
     ours = Generator(backend="triton").cuda().to(dtype).eval()
     eager = copy.deepcopy(ours).set_backend("reference").to(memory_format=torch.channels_last)
     z = torch.randn(batch, 100, 1, 1, device="cuda", dtype=dtype)
-    cases = {"ours": lambda: ours(z), "eager": lambda: eager(z)}
+    ours_graph, eager_graph = CapturedGenerator(ours, batch), CapturedGenerator(eager, batch)
+    cases = {"ours": lambda: ours(z), "ours (CUDA graph)": lambda: ours_graph(z),
+             "eager": lambda: eager(z), "eager + CUDA graph": lambda: eager_graph(z)}
     if compiled:
         comp = torch.compile(eager)
         cases["torch.compile"] = lambda: comp(z)
@@ -146,9 +152,14 @@ def main():
         with torch.no_grad():
             cases = generator_cases(512, DTYPES[dt], not args.no_compile)
             times = {k: bench(f) for k, f in cases.items()}
-        extra = "".join(f", {k} {v:.3f}" for k, v in times.items() if k not in ("ours", "eager"))
+        peers = {k: v for k, v in times.items() if not k.startswith("ours")}
+        extra = "".join(f", {k} {v:.3f}" for k, v in peers.items() if k != "eager")
         print(f"| Generator inference B=512 {dt}{extra} | {times['ours']:.3f} | {times['eager']:.3f} | "
               f"{times['eager'] / times['ours']:.2f}x |", flush=True)
+        best = min(peers, key=peers.get)
+        graph = times["ours (CUDA graph)"]
+        print(f"| Generator inference B=512 {dt} CUDA graph, vs the best peer ({best}) | {graph:.3f} | "
+              f"{peers[best]:.3f} | {peers[best] / graph:.2f}x |", flush=True)
     for dt in dtypes:
         cases = network_cases(128, DTYPES[dt])
         to, te = bench(cases["ours"]), bench(cases["eager"])
