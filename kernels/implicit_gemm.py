@@ -436,6 +436,27 @@ def wgrad_tiles(m_rows, cin, cout, dtype):
 _TILE_TABLE = None
 
 
+# fp32 accumulator registers per thread (tile elements / threads) a GEMM tile may take before its
+# operand prologues spill: benches/compile_check.py (sm_90 ptxas) measured the data gradient
+# (two prologue operands g and y, BN-backward sums in the epilogue) spilling 864 B/thread at
+# 128x128 with 4 warps and 688 B at 256x128 fp32 with 8 warps, i.e. with the forward's tuned
+# tiles; the weight gradient (both operands transformed) 40 B at 128x64 with 4 warps.
+# Candidates over the limit get 8 warps, then a halved BLOCK_M (a halved BLOCK_N at BLOCK_M 64).
+ACC_REGS = {1: 128, 2: 64, "wgrad": 32}
+
+
+def _fit_registers(bm, bn, warps, limit):
+    """(BLOCK_M, BLOCK_N, num_warps) with BLOCK_M * BLOCK_N <= limit * 32 * num_warps."""
+    while bm * bn > limit * 32 * warps:
+        if warps < 8:
+            warps *= 2
+        elif bm > 64:
+            bm //= 2
+        else:
+            bn //= 2
+    return bm, bn, warps
+
+
 def tile_table():
     global _TILE_TABLE
     if _TILE_TABLE is None:
@@ -559,6 +580,13 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
     else:
         bm, bk, aligned, cands = gemm_tiles(m * geom.phases, geom.mh * geom.mw * geom.phases, cin,
                                             cout, dtype)
+    if not INTERPRET:
+        # the data gradient also keeps its pipeline at 3 stages (compile_check: 56 B/thread of
+        # spills at 4 stages for 128x64 with 4 warps, none at 3)
+        fitted = [_fit_registers(bm, bn, w, ACC_REGS[2 if bwd is not None else 1])
+                  + (min(s, 3) if bwd is not None else s,) for bn, w, s in cands]
+        bm = fitted[0][0]
+        cands = [(bn, w, s) for m_, bn, w, s in fitted if m_ == bm]
     n_mt = triton.cdiv(m, bm)
     shape = (nb, geom.oh, geom.ow, cout)
     y = new_empty(shape, dev, dtype) if store_y else None
@@ -624,6 +652,8 @@ def conv_wgrad(x, pro, bwd, geom, dw=None):
         aligned, cands = cin % bk == 0, [(bm, warps, stages)]
     else:
         bk, aligned, bn, cands = wgrad_tiles(m * geom.phases, cin, cout, dtype)
+    if not INTERPRET:
+        cands = [(bm, max(w, min(8, bk * bn // (32 * ACC_REGS["wgrad"]))), s) for bm, w, s in cands]
     tiles_kn = triton.cdiv(ktot, bk) * triton.cdiv(cout, bn) * geom.phases
     # split the pixel reduction so that the grid has ~2 programs per SM, >= 256 rows per slice
     # (interpreter: 2 slices whenever possible, to exercise the split and the atomics)

@@ -189,3 +189,13 @@ def test_a_config_too_big_for_shared_memory_runs_with_fewer_stages():
     ig._launch_one(kernel, lambda meta: (1,), (), {"MODE": 2}, cfg)
     assert kernel.tried == [4, 3, 2, 2]
     ig._FITTED_STAGES.clear()
+
+
+def test_gemm_tiles_keep_their_accumulator_within_the_register_budget():
+    """_fit_registers: 8 warps first, then a halved BLOCK_M (a halved BLOCK_N at BLOCK_M 64)."""
+    from fastdcgan.kernels.implicit_gemm import _fit_registers
+
+    assert _fit_registers(128, 128, 4, 128) == (128, 128, 4)      # 128 registers: fits
+    assert _fit_registers(128, 128, 4, 64) == (128, 128, 8)       # the data gradient's budget
+    assert _fit_registers(256, 128, 8, 64) == (128, 128, 8)
+    assert _fit_registers(64, 256, 8, 32) == (64, 128, 8)

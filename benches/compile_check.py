@@ -1,0 +1,163 @@
+"""Compile, without a GPU, every Triton kernel a full-size DCGAN training pass launches on an H100,
+and report what each needs: shared memory (against the 227 KB a block may have), registers,
+spills, and whether the main loop's loads became asynchronous copies (pipelined).
+
+GPU time is scarce; this runs on any machine. It traces the triton backend's launches on CPU
+tensors (G(z) then D on real and fake images, forward and backward, B=128/512, fp32 and bf16)
+with the kernels' launch replaced by a recorder, so the GPU tile choices (kernels/tiles.json and
+the heuristics) are the ones traced, then compiles each distinct specialization for sm_90 with
+the installed Triton's ptxas. Triton versions differ between machines (the GPU machine's may be
+older), so a clean run here is a strong hint, not a proof.
+
+    python benches/compile_check.py                 # B=128 and 512, fp32 and bf16
+    python benches/compile_check.py --batches 128 --dtypes bf16 --verbose
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)   # trace the GPU configurations, not the interpreter's
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+SMEM_LIMIT = 232448   # bytes of shared memory per block on an H100
+_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
+          torch.int64: "*i64", torch.int32: "*i32", torch.uint8: "*u8"}
+
+
+def _arg_type(v):
+    if isinstance(v, torch.Tensor):
+        return _TYPES[v.dtype]
+    if isinstance(v, bool):
+        return "i1"
+    if isinstance(v, int):
+        return "i32" if -2**31 <= v < 2**31 else "i64"
+    if isinstance(v, float):
+        return "fp32"
+    raise TypeError(f"unsupported kernel argument {type(v).__name__}")
+
+
+class Recorder:
+    """Replaces JITFunction.run: records (kernel, signature, constexprs, divisibility, warps,
+    stages) of each launch instead of running it."""
+
+    def __init__(self):
+        self.launches = {}
+
+    def run(self, fn, *args, grid, warmup, num_warps=4, num_stages=3, **kwargs):
+        sig, consts, div16 = {}, {}, []
+        params = fn.params
+        for i, p in enumerate(params):
+            if p.is_constexpr:
+                sig[p.name] = "constexpr"
+                consts[p.name] = kwargs[p.name]
+                continue
+            v = args[i] if i < len(args) else kwargs[p.name]
+            sig[p.name] = _arg_type(v)
+            # what the JIT specializes on: 16-byte aligned pointers, integers divisible by 16
+            if isinstance(v, torch.Tensor) or (isinstance(v, int) and not isinstance(v, bool)
+                                               and v % 16 == 0 and not p.do_not_specialize):
+                div16.append(i)
+        key = (fn.fn.__name__, tuple(sig.items()), tuple(sorted(consts.items())), tuple(div16),
+               num_warps, num_stages)
+        self.launches.setdefault(key, (fn, sig, consts, div16, num_warps, num_stages))
+
+
+def trace(batches, dtypes):
+    """Runs the traced passes with every kernel launch recorded instead of run."""
+    from fastdcgan import Discriminator, Generator, ops
+    from fastdcgan.kernels import implicit_gemm
+
+    rec = Recorder()
+    implicit_gemm._num_sms = lambda device: 132   # an H100's
+    ops._check_device = lambda device: None       # CPU tensors, never launched
+    original = JITFunction.run
+    JITFunction.run = lambda self, *a, **k: rec.run(self, *a, **k)
+    try:
+        for dtype in dtypes:
+            for batch in batches:
+                torch.manual_seed(0)
+                G = Generator(backend="triton").to(dtype)
+                D = Discriminator(backend="triton").to(dtype)
+                z = torch.randn(batch, 100, 1, 1, dtype=dtype)
+                real = torch.randn(batch, 3, 64, 64, dtype=dtype)
+                fake = G(z)
+                D.logits(real).float().sum().backward()
+                D.logits(fake).float().sum().backward()
+                G.eval()
+                with torch.no_grad():
+                    G(z)
+    finally:
+        JITFunction.run = original
+    return rec.launches
+
+
+def _usage(cubin):
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else (None, None)
+
+
+def compile_one(fn, sig, consts, div16, num_warps, num_stages):
+    attrs = {(i,): [["tt.divisibility", 16]] for i in div16}
+    kernel = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=TARGET,
+                            options=dict(num_warps=num_warps, num_stages=num_stages))
+    ttgir = kernel.asm["ttgir"]
+    regs, stack = _usage(kernel.asm["cubin"])
+    return dict(shared=kernel.metadata.shared, regs=regs, spill_bytes=stack,
+                async_copies=ttgir.count("async_copy_global_to_local"),
+                wgmma="warp_group_dot" in ttgir)
+
+
+def _short(consts):
+    keep = ("PRO", "STATS", "PHW", "T", "ALIGNED", "W_T", "DOT_PREC", "BLOCK_M", "BLOCK_N", "BLOCK_K",
+            "MODE", "TRAINING", "ACCUMULATE")
+    return " ".join(f"{k}={v}" for k, v in consts.items() if k in keep)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="128,512")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--verbose", action="store_true", help="one line per kernel, not only problems")
+    a = ap.parse_args()
+    dtypes = [{"fp32": torch.float32, "bf16": torch.bfloat16}[d] for d in a.dtypes.split(",")]
+    launches = trace([int(b) for b in a.batches.split(",")], dtypes)
+    print(f"{len(launches)} distinct kernel specializations traced; compiling for sm_90")
+    problems = 0
+    for fn, sig, consts, div16, warps, stages in launches.values():
+        tag = f"{fn.fn.__name__} w{warps} s{stages} {_short(consts)}"
+        try:
+            r = compile_one(fn, sig, consts, div16, warps, stages)
+        except Exception as e:  # a compile error is what this tool is for
+            problems += 1
+            print(f"COMPILE ERROR {tag}: {str(e).splitlines()[0][:200]}")
+            continue
+        bad = []
+        if r["shared"] > SMEM_LIMIT:
+            bad.append(f"shared {r['shared']} > {SMEM_LIMIT} (launch lowers the stages)")
+        if r["spill_bytes"]:
+            bad.append(f"spills {r['spill_bytes']} B/thread")
+        problems += bool(bad)
+        if bad or a.verbose:
+            print(f"{'PROBLEM ' if bad else ''}{tag}: shared={r['shared']} regs={r['regs']} "
+                  f"async_copies={r['async_copies']} wgmma={r['wgmma']} {'; '.join(bad)}")
+    print(f"{problems} kernel(s) with problems out of {len(launches)}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
