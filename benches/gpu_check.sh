@@ -73,7 +73,7 @@ if [ -z "${SKIP_TUNE:-}" ]; then
   step "GEMM tile sweep (timed), then our step with the tuned tiles"
   for pid in "${tune_pids[@]}"; do wait $pid; done
   grep -l -iE "error|Traceback" "$compile_logs"/*.log | head -3
-  timeout ${TUNE_TIMEOUT:-150} $py benches/tune_gemm.py --write "$OUT/tiles.json" 2>&1 | tee "$OUT/tune.md" | tail -70
+  timeout ${TUNE_TIMEOUT:-200} $py benches/tune_gemm.py --write "$OUT/tiles.json" 2>&1 | tee "$OUT/tune.md" | tail -70
   echo "with the tuned tiles:" >>"$OUT/steps.md"
   FASTDCGAN_TILES=$OUT/tiles.json timeout 90 $py benches/step_table.py --batches 128,512 --steps 20 \
     --peers none 2>&1 | tee -a "$OUT/steps.md" | tail -6

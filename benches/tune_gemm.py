@@ -1,10 +1,12 @@
 """Tile sweep for the implicit-GEMM kernels at the DCGAN layer shapes, writing the tile table that
 kernels/implicit_gemm.py reads (FASTDCGAN_TILES, or kernels/tiles.json).
 
-For each layer (G1-G3, D1-D3: every GEMM-heavy layer; their forward shapes are also the other
-network's data-gradient shapes), dtype and batch (128, 512: the tuned points) it times the
-forward GEMM as the chained network runs it (producer's BN-apply + activation in the prologue,
-BN statistics in the epilogue) and the split-K weight gradient over a few tile configurations,
+For each layer (G1-G3, D1-D3: every GEMM-heavy layer), dtype and batch (128, 512: the tuned
+points) it times the forward GEMM as the chained network runs it (producer's BN-apply +
+activation in the prologue, BN statistics in the epilogue), the data gradient (BN + activation
+backward in the prologue, the producer's BN backward sums in the epilogue; without its own entry
+it takes the forward tile of the same geometry) and the split-K weight gradient over a few tile
+configurations,
 keeps the fastest when it beats the heuristic by over 3%, and compares with cuBLAS running the
 same GEMMs on plain matrices and with cuDNN's convolution. A second table gives the forward GEMM's
 time by operand prologue (raw, BN-apply, BN-backward) against an elementwise materializing pass.
@@ -43,6 +45,15 @@ WGRAD_CONFIGS = {
     "fp32": [(64, 128, 32, 8, 3), (64, 64, 64, 4, 3), (128, 64, 32, 8, 3), (32, 128, 64, 4, 3),
              (64, 128, 64, 8, 2), (64, 128, 32, 8, 5)],
 }
+# dgrad (the data gradient: BN + activation backward in the prologue, the producer's BN backward
+# sums in the epilogue; same tuple as gemm), within the kernels' register budget for it
+# (implicit_gemm.ACC_REGS: <= 64 accumulator registers per thread, <= 3 stages)
+DGRAD_CONFIGS = {
+    "bf16": [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 3), (128, 128, 32, 8, 3),
+             (64, 64, 64, 4, 3)],
+    "fp32": [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 3),
+             (128, 128, 16, 8, 3)],
+}
 BATCHES = (128, 512)
 
 
@@ -58,9 +69,19 @@ def _case(layer, batch, dtype):
     dy = torch.randn(batch, oh, oh, cout, generator=g).to("cuda", dtype)
     bwd = ig.BwdOperand(dy, torch.randn_like(dy), None, None, None, None, None, 0, 0.0)
     m_rows = batch * geom.mh * geom.mw * geom.phases
+    # the data gradient as the chained network runs it: dy from this layer's BN + ReLU backward
+    # (prologue), the producer's BN backward sums at x's positions (epilogue)
+    geom_d = ig.make_geom(not transposed, stride, pad, oh, oh, hw, hw)
+    cvec = lambda: torch.randn(cout, device="cuda") * 0.1  # noqa: E731
+    bwd_d = ig.BwdOperand(dy, torch.randn_like(dy), cvec() + 1.0, cvec(), cvec(), cvec(), cvec(), 1, 0.0)
+    prod = (x, pro.scale, pro.shift, torch.randn(cin, device="cuda") * 0.1,
+            torch.rand(cin, device="cuda") + 0.5, 1, 0.0)
     keys = {"gemm": ig.tile_key("gemm", geom, cin, cout, m_rows, dtype),
+            "dgrad": ig.tile_key("dgrad", geom_d, cout, cin,
+                                 batch * geom_d.mh * geom_d.mw * geom_d.phases, dtype),
             "wgrad": ig.tile_key("wgrad", geom, cin, cout, m_rows, dtype)}
     runs = {"gemm": lambda: ig.conv_gemm(x, wp, geom, cout, pro=pro, stats=1),
+            "dgrad": lambda: ig.conv_gemm(None, wp, geom_d, cin, w_t=True, bwd=bwd_d, stats=2, prod=prod),
             "wgrad": lambda: ig.conv_wgrad(x, pro, bwd, geom)}
     xn = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
     wc = w.to(dtype).contiguous(memory_format=torch.channels_last)
@@ -73,7 +94,11 @@ def _case(layer, batch, dtype):
     a = torch.randn(geom.phases, m, k, device="cuda", dtype=dtype)
     b = torch.randn(geom.phases, k, cout, device="cuda", dtype=dtype)
     c = torch.randn(geom.phases, m, cout, device="cuda", dtype=dtype)
-    dense = {"gemm": lambda: torch.bmm(a, b), "wgrad": lambda: torch.bmm(a.transpose(1, 2), c)}
+    md, kd = batch * geom_d.mh * geom_d.mw, geom_d.t * geom_d.t * cout
+    ad = torch.randn(geom_d.phases, md, kd, device="cuda", dtype=dtype)
+    bd = torch.randn(geom_d.phases, kd, cin, device="cuda", dtype=dtype)
+    dense = {"gemm": lambda: torch.bmm(a, b), "dgrad": lambda: torch.bmm(ad, bd),
+             "wgrad": lambda: torch.bmm(a.transpose(1, 2), c)}
     # what the operand prologues cost: the same forward GEMM (same tile) reading its input raw
     # (MODE 0), through the producer's BN-apply + ReLU (MODE 1, what the chained forward does),
     # and through the BN + activation backward (MODE 2, what the data gradient does: it reads two
@@ -93,7 +118,8 @@ def sweep(layer, batch, dname, compile_only):
     keys, runs, cudnn, dense, prologues = _case(layer, batch, DTYPES[dname])
     table = ig.tile_table()
     results = {}
-    for kind, configs in (("gemm", FWD_CONFIGS[dname]), ("wgrad", WGRAD_CONFIGS[dname])):
+    for kind, configs in (("gemm", FWD_CONFIGS[dname]), ("dgrad", DGRAD_CONFIGS[dname]),
+                          ("wgrad", WGRAD_CONFIGS[dname])):
         saved = table.pop(keys[kind], None)
         rows = []
         for cfg in [None, *configs]:

@@ -427,7 +427,8 @@ def wgrad_tiles(m_rows, cin, cout, dtype):
 
 
 # The measured tile table: {tile_key: [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages]} for
-# "gemm" keys and [BLOCK_K, BLOCK_N, BLOCK_M, num_warps, num_stages] for "wgrad" keys, written by
+# "gemm" (forward) and "dgrad" (data gradient) keys and [BLOCK_K, BLOCK_N, BLOCK_M, num_warps,
+# num_stages] for "wgrad" keys, written by
 # benches/tune_gemm.py on a GPU. Read from $FASTDCGAN_TILES, else tiles.json next to this file
 # (measured on an H100; on another GPU its tiles are still correct, only maybe not the fastest:
 # re-run the sweep there); ignored under the interpreter. Keys carry the batch only as the power-of-two
@@ -573,7 +574,11 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
     nb, ih, iw, cin = src.shape
     dev, dtype = src.device, src.dtype
     m = nb * geom.mh * geom.mw
-    tuned = tile_table().get(tile_key("gemm", geom, cin, cout, m * geom.phases, dtype))
+    # a data gradient without its own tuned tile takes the forward tile of the same geometry (the
+    # other network's forward), fitted to its register budget below
+    table = tile_table()
+    tuned = table.get(tile_key("dgrad", geom, cin, cout, m * geom.phases, dtype)) if bwd is not None else None
+    tuned = tuned or table.get(tile_key("gemm", geom, cin, cout, m * geom.phases, dtype))
     if tuned:
         bm, bn, bk, warps, stages = tuned
         aligned, cands = cin % bk == 0, [(bn, warps, stages)]
