@@ -3,7 +3,8 @@ and report what each needs: shared memory (against the 227 KB a block may have),
 spills, and whether the main loop's loads became asynchronous copies (pipelined).
 
 GPU time is scarce; this runs on any machine. It traces the triton backend's launches on CPU
-tensors (G(z) then D on real and fake images, forward and backward, B=128/512, fp32 and bf16)
+tensors (G(z) then D on real and fake images, forward and backward, B=128/512, fp32 and bf16,
+with dy fed through the GEMM prologues and materialized)
 with the kernels' launch replaced by a recorder, so the GPU tile choices (kernels/tiles.json and
 the heuristics) are the ones traced, then compiles each distinct specialization for sm_90 with
 the installed Triton's ptxas. Triton versions differ between machines (the GPU machine's may be
@@ -13,6 +14,7 @@ older), so a clean run here is a strong hint, not a proof.
     python benches/compile_check.py --batches 128 --dtypes bf16 --verbose
 """
 import argparse
+import itertools
 import os
 import re
 import subprocess
@@ -82,21 +84,22 @@ def trace(batches, dtypes):
     original = JITFunction.run
     JITFunction.run = lambda self, *a, **k: rec.run(self, *a, **k)
     try:
-        for dtype in dtypes:
-            for batch in batches:
-                torch.manual_seed(0)
-                G = Generator(backend="triton").to(dtype)
-                D = Discriminator(backend="triton").to(dtype)
-                z = torch.randn(batch, 100, 1, 1, dtype=dtype)
-                real = torch.randn(batch, 3, 64, 64, dtype=dtype)
-                fake = G(z)
-                D.logits(real).float().sum().backward()
-                D.logits(fake).float().sum().backward()
-                G.eval()
-                with torch.no_grad():
-                    G(z)
+        for dtype, batch, materialize in itertools.product(dtypes, batches, ("0", "1")):
+            os.environ["FASTDCGAN_MATERIALIZE_DY"] = materialize   # both ways of feeding dy
+            torch.manual_seed(0)
+            G = Generator(backend="triton").to(dtype)
+            D = Discriminator(backend="triton").to(dtype)
+            z = torch.randn(batch, 100, 1, 1, dtype=dtype)
+            real = torch.randn(batch, 3, 64, 64, dtype=dtype)
+            fake = G(z)
+            D.logits(real).float().sum().backward()
+            D.logits(fake).float().sum().backward()
+            G.eval()
+            with torch.no_grad():
+                G(z)
     finally:
         JITFunction.run = original
+        os.environ.pop("FASTDCGAN_MATERIALIZE_DY", None)
     return rec.launches
 
 

@@ -5,7 +5,8 @@
 # a tile sweep of the GEMM kernels (writing $OUT/tiles.json, then timing our step with it) and
 # prints a short table last. Logs go to $OUT (default ./gpu_out), at most 8 files (the device
 # tool brings back no more): build.log, tests_kernels.log, tests_step.log, steps.md, profile.md,
-# tune.md, tiles.json, optim.log.
+# tune.md, tiles.json, optim.log. The step table runs twice: dy through the backward GEMMs'
+# prologues (default) and materialized once per block (FASTDCGAN_MATERIALIZE_DY=1).
 # Usage: bash benches/gpu_check.sh   (SKIP_TUNE=1 skips the tile sweep)
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -63,6 +64,10 @@ fi
 step "train step vs peers"
 timeout ${TABLE_TIMEOUT:-150} $py benches/step_table.py --batches 128,512 --steps 20 --uncaptured \
   2>&1 | tee "$OUT/steps.md" | tail -16
+
+echo "dy materialized once per block (FASTDCGAN_MATERIALIZE_DY=1):" | tee -a "$OUT/steps.md"
+FASTDCGAN_MATERIALIZE_DY=1 timeout 90 $py benches/step_table.py --batches 128,512 --steps 20 \
+  --peers none 2>&1 | tee -a "$OUT/steps.md" | tail -6
 
 step "profile of the captured step"
 for prec in bf16 fp32; do

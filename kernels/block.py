@@ -13,15 +13,21 @@ gradient (split-K GEMM) and the data gradient (the "other" conv direction) both 
 dy = A*dz + B*y + C through their prologue. Saved: the block input (or the producer's raw y),
 this block's raw y, and per-channel mean/rstd/scale/shift only.
 
+With FASTDCGAN_MATERIALIZE_DY=1 the backward writes dy out once per block (one elementwise
+pass) and both GEMMs read it raw, instead of each applying the BN/activation backward to two
+tensors (g, y) in its prologue -- the weight gradient once per weight tile. Which is faster is
+measured per GPU (benches/step_table.py); the default is the prologue.
+
 Weights are kernel-layout tensors (kernels/weights.py) in the compute dtype; weight gradients are
 fp32 kernel-layout tensors, accumulated into a given buffer (a parameter's .grad) or new.
 """
+import os
 from dataclasses import dataclass
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from .bn import bn_apply, bn_bwd_finalize, bn_bwd_reduce, bn_finalize
+from .bn import bn_apply, bn_bwd_apply, bn_bwd_finalize, bn_bwd_reduce, bn_finalize
 from .implicit_gemm import BwdOperand, Xform, conv_gemm, conv_out_size, conv_wgrad, gemv, make_geom
 from .weights import kernel_weights, torch_view
 
@@ -47,6 +53,11 @@ class BlockOut:
     mean: object      # per-channel fp32 BN vectors (None without BN)
     rstd: object
     geom: object
+
+
+def materialize_dy():
+    """FASTDCGAN_MATERIALIZE_DY=1 (read at each call): see the module docstring."""
+    return os.environ.get("FASTDCGAN_MATERIALIZE_DY", "0") == "1"
 
 
 def _is_gemv(spec, x, cout):
@@ -108,13 +119,14 @@ def block_backward(g, x, pro, wk, gamma, out, spec, *, need_dx, need_dw, dw=None
     else:
         dgamma = dbeta = None
         bo = BwdOperand(g, y, None, None, None, None, None, spec.act, spec.slope)
+    dy = bn_bwd_apply(bo) if materialize_dy() and (need_dw or need_dx) else None
     if need_dw:
-        dw = conv_wgrad(x, pro, bo, out.geom, dw)
+        dw = conv_wgrad(x, pro, bo if dy is None else dy, out.geom, dw)
     dx = prod_partials = None
     if need_dx:
         nb, ih, iw, cin = x.shape
         geom = make_geom(not spec.transposed, spec.stride, spec.padding, y.shape[1], y.shape[2], ih, iw)
-        dx, _, prod_partials = conv_gemm(None, wk, geom, cin, w_t=True, bwd=bo,
+        dx, _, prod_partials = conv_gemm(dy, wk, geom, cin, w_t=True, bwd=bo if dy is None else None,
                                          stats=2 if prod else 0, prod=prod)
     return dx, dw if need_dw else None, dgamma, dbeta, prod_partials
 

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .activations import act_grad, apply_act
+from .implicit_gemm import _load_operand
 from .memory import new_empty
 
 # Finalize: one program per 32 channels (128-byte coalesced partial rows) walking the partial
@@ -146,6 +147,21 @@ def bn_bwd_reduce_kernel(g_ptr, y_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
 
 
 @triton.jit
+def bn_bwd_apply_kernel(g_ptr, y_ptr, dy_ptr, s_ptr, b_ptr, ca_ptr, cb_ptr, cc_ptr, R, C, slope,
+                        AFFINE: tl.constexpr, ACT: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # dy = A*g*act'(y*scale + shift) + B*y + C (AFFINE) or g*act'(y) on a [BLOCK_R, BLOCK_C] tile:
+    # the GEMMs' BN-backward prologue (MODE 2) written out once, for GEMMs that read it raw.
+    rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m = (rr < R)[:, None] & (rc < C)[None, :]
+    offs = rr[:, None] * C + rc[None, :]
+    dy = _load_operand(y_ptr, g_ptr, offs, m, rc, C, s_ptr, b_ptr, ca_ptr, cb_ptr, cc_ptr, slope,
+                       2, AFFINE, ACT)
+    tl.store(dy_ptr + offs, dy.to(dy_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def bn_bwd_finalize_kernel(s0_ptr, s1_ptr, T, C, count, grad_scale, gamma_ptr, mean_ptr, rstd_ptr,
                            dgamma_ptr, dbeta_ptr, ca_ptr, cb_ptr, cc_ptr,
                            TRAINING: tl.constexpr, ACCUMULATE: tl.constexpr,
@@ -232,6 +248,20 @@ def bn_bwd_reduce(g, y, scale, shift, mean, rstd, act, slope):
         g, y, scale, shift, mean, rstd, s0, s1, r, c, float(slope), ACT=act, ROWS=RED_ROWS,
         BLOCK_R=EW_BLOCK_R, BLOCK_C=EW_BLOCK_C)
     return s0, s1
+
+
+def bn_bwd_apply(bwd):
+    """The data-gradient operand of a BwdOperand, materialized: dy (NHWC, y's dtype)."""
+    y = bwd.y
+    c = y.shape[-1]
+    r = y.numel() // c
+    dy = new_empty(y.shape, y.device, y.dtype)
+    aff = bwd.scale is not None
+    vec = (bwd.scale, bwd.shift, bwd.ca, bwd.cb, bwd.cc) if aff else (y,) * 5
+    grid = (triton.cdiv(r, EW_BLOCK_R), triton.cdiv(c, EW_BLOCK_C))
+    bn_bwd_apply_kernel[grid](bwd.g, y, dy, *vec, r, c, float(bwd.slope), AFFINE=aff, ACT=bwd.act,
+                              BLOCK_R=EW_BLOCK_R, BLOCK_C=EW_BLOCK_C)
+    return dy
 
 
 def bn_bwd_finalize(partials, gamma, mean, rstd, count, *, training, grads=None):

@@ -282,7 +282,7 @@ def conv_wgrad_kernel(
     ps_ptr, pb_ptr, qs_ptr, qb_ptr, qca_ptr, qcb_ptr, qcc_ptr,
     M, CIN, COUT, IH, IW, OH, OW, MH, MW, IOFF, SPLIT, M_SPLIT, pro_slope, out_slope,
     PRO: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_ACT: tl.constexpr,
-    OUT_AFFINE: tl.constexpr, OUT_ACT: tl.constexpr,
+    OUT_MODE: tl.constexpr, OUT_AFFINE: tl.constexpr, OUT_ACT: tl.constexpr,
     PHW: tl.constexpr, T: tl.constexpr, IS: tl.constexpr, OS: tl.constexpr, PIN: tl.constexpr,
     TSTEP: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -317,7 +317,8 @@ def conv_wgrad_kernel(
                           pro_slope, PRO, PRO_AFFINE, PRO_ACT)
         optr = ((n * (OH * OW) + oh * OW + ow) * COUT)[:, None] + rn[None, :]
         dy = _load_operand(y_ptr, g_ptr, optr, row_ok[:, None] & col_ok[None, :], rn, COUT,
-                           qs_ptr, qb_ptr, qca_ptr, qcb_ptr, qcc_ptr, out_slope, 2, OUT_AFFINE, OUT_ACT)
+                           qs_ptr, qb_ptr, qca_ptr, qcb_ptr, qcc_ptr, out_slope, OUT_MODE, OUT_AFFINE,
+                           OUT_ACT)
         acc = tl.dot(tl.trans(a.to(x_ptr.dtype.element_ty)), dy.to(x_ptr.dtype.element_ty), acc,
                      input_precision=DOT_PREC)
     tap, ci = _k_coords(k0, rk, CIN, ALIGNED)
@@ -438,10 +439,11 @@ _TILE_TABLE = None
 
 
 # fp32 accumulator registers per thread (tile elements / threads) a GEMM tile may take before its
-# operand prologues spill: benches/compile_check.py (sm_90 ptxas) measured the data gradient
-# (two prologue operands g and y, BN-backward sums in the epilogue) spilling 864 B/thread at
-# 128x128 with 4 warps and 688 B at 256x128 fp32 with 8 warps, i.e. with the forward's tuned
-# tiles; the weight gradient (both operands transformed) 40 B at 128x64 with 4 warps.
+# operand prologues or epilogue spill: benches/compile_check.py (sm_90 ptxas) measured the data
+# gradient (two prologue operands g and y, BN-backward sums in the epilogue) spilling 864 B/thread
+# at 128x128 with 4 warps (784 B reading a materialized dy: the epilogue alone) and 688 B at
+# 256x128 fp32 with 8 warps, i.e. with the forward's tuned tiles; the weight gradient (both
+# operands transformed) 40 B at 128x64 with 4 warps.
 # Candidates over the limit get 8 warps, then a halved BLOCK_M (a halved BLOCK_N at BLOCK_M 64).
 ACC_REGS = {1: 128, 2: 64, "wgrad": 32}
 
@@ -577,7 +579,7 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
     # a data gradient without its own tuned tile takes the forward tile of the same geometry (the
     # other network's forward), fitted to its register budget below
     table = tile_table()
-    tuned = table.get(tile_key("dgrad", geom, cin, cout, m * geom.phases, dtype)) if bwd is not None else None
+    tuned = table.get(tile_key("dgrad", geom, cin, cout, m * geom.phases, dtype)) if w_t else None
     tuned = tuned or table.get(tile_key("gemm", geom, cin, cout, m * geom.phases, dtype))
     if tuned:
         bm, bn, bk, warps, stages = tuned
@@ -586,10 +588,11 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
         bm, bk, aligned, cands = gemm_tiles(m * geom.phases, geom.mh * geom.mw * geom.phases, cin,
                                             cout, dtype)
     if not INTERPRET:
-        # the data gradient also keeps its pipeline at 3 stages (compile_check: 56 B/thread of
-        # spills at 4 stages for 128x64 with 4 warps, none at 3)
-        fitted = [_fit_registers(bm, bn, w, ACC_REGS[2 if bwd is not None else 1])
-                  + (min(s, 3) if bwd is not None else s,) for bn, w, s in cands]
+        # the data gradient (w_t: with the BN-backward prologue, or reading a materialized dy,
+        # and the producer's BN-backward sums in its epilogue) also keeps its pipeline at 3
+        # stages (compile_check: 56 B/thread of spills at 4 stages for 128x64 with 4 warps)
+        fitted = [_fit_registers(bm, bn, w, ACC_REGS[2 if w_t else 1]) + (min(s, 3) if w_t else s,)
+                  for bn, w, s in cands]
         bm = fitted[0][0]
         cands = [(bn, w, s) for m_, bn, w, s in fitted if m_ == bm]
     n_mt = triton.cdiv(m, bm)
@@ -644,8 +647,14 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
 
 
 def conv_wgrad(x, pro, bwd, geom, dw=None):
-    """Adds sum over pixels of im2col(pro(x))^T @ dy(bwd) into the fp32 kernel-layout weight
-    gradient dw [4, 4, CIN, COUT] (zeros when None) and returns it."""
+    """Adds sum over pixels of im2col(pro(x))^T @ dy into the fp32 kernel-layout weight gradient
+    dw [4, 4, CIN, COUT] (zeros when None) and returns it; dy is a BwdOperand (the BN/activation
+    backward applied as it loads) or a materialized NHWC tensor."""
+    if isinstance(bwd, torch.Tensor):
+        bwd = BwdOperand(bwd, bwd, None, None, None, None, None, 0, 0.0)
+        out_mode = 0
+    else:
+        out_mode = 2
     nb, ih, iw, cin = x.shape
     cout = bwd.y.shape[-1]
     dev, dtype = x.device, x.dtype
@@ -675,8 +684,8 @@ def conv_wgrad(x, pro, bwd, geom, dw=None):
     args = (x, bwd.g, bwd.y, dw, *pvec, *qvec, m, cin, cout, ih, iw, geom.oh, geom.ow, geom.mh,
             geom.mw, geom.ioff, split, m_split, float(pro.slope if pro else 0.0), float(bwd.slope))
     consts = dict(PRO=1 if pro is not None else 0, PRO_AFFINE=p_aff, PRO_ACT=pro.act if pro else 0,
-                  OUT_AFFINE=q_aff, OUT_ACT=bwd.act, PHW=geom.phw, T=geom.t, IS=geom.in_s,
-                  OS=geom.out_s, PIN=geom.pin, TSTEP=geom.tstep, ALIGNED=aligned,
+                  OUT_MODE=out_mode, OUT_AFFINE=q_aff, OUT_ACT=bwd.act, PHW=geom.phw, T=geom.t,
+                  IS=geom.in_s, OS=geom.out_s, PIN=geom.pin, TSTEP=geom.tstep, ALIGNED=aligned,
                   DOT_PREC=_dot_prec(dtype), BLOCK_N=bn, BLOCK_K=bk)
     tiles = [({"BLOCK_M": bm}, w, s) for bm, w, s in cands]
     grid = (triton.cdiv(ktot, bk), triton.cdiv(cout, bn), geom.phases * split)

@@ -61,8 +61,12 @@ def train_step_check(nz, ngf, ndf, batch, dtype, tol):
 
 
 @interpreter_only
-def test_train_step_matches_reference(monkeypatch):
+@pytest.mark.parametrize("materialize_dy", ["0", "1"], ids=["dy-prologue", "dy-materialized"])
+def test_train_step_matches_reference(materialize_dy, monkeypatch):
+    """Both ways of feeding dy to the backward GEMMs: the BN/activation backward in their
+    prologues, or written out once per block (FASTDCGAN_MATERIALIZE_DY=1)."""
     monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
+    monkeypatch.setenv("FASTDCGAN_MATERIALIZE_DY", materialize_dy)
     train_step_check(nz=8, ngf=4, ndf=4, batch=2, dtype=torch.float32, tol=5e-5)
 
 
@@ -98,8 +102,10 @@ def test_eval_and_logits_match_reference(monkeypatch):
 
 
 @needs_cuda
+@pytest.mark.parametrize("materialize_dy", ["0", "1"], ids=["dy-prologue", "dy-materialized"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 3e-2), (torch.bfloat16, 1e-1)], ids=["tf32", "bf16"])
-def test_full_size_gpu(dtype, tol):
+def test_full_size_gpu(dtype, tol, materialize_dy, monkeypatch):
+    monkeypatch.setenv("FASTDCGAN_MATERIALIZE_DY", materialize_dy)
     train_step_check(nz=100, ngf=64, ndf=64, batch=32, dtype=dtype, tol=tol)
     # G's eval kernels are the ones the inference benchmark uses; D's eval is checked on the CPU
     eval_check(nz=100, ngf=64, ndf=64, batch=32, dtype=dtype, tol=tol, discriminator=False)
