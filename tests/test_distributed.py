@@ -5,6 +5,8 @@ The two-rank runs happen once per module (`two_ranks`, torch.multiprocessing spa
 the tests compare; the signal and dead-rank tests launch the CLI as two processes with torchrun's
 environment variables.
 """
+import contextlib
+import copy
 import os
 import signal
 import socket
@@ -17,6 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 from fastdcgan import Discriminator, checkpoint, distributed
+from fastdcgan.kernels import weights
 from fastdcgan.loss import bce_with_logits
 from fastdcgan.train import TrainConfig, Trainer, main
 from precision import rel_err
@@ -84,21 +87,34 @@ def _triton_layers(backend):
 
 def _triton_sync_bn(rank, tmp):
     """Forward and backward through the fused kernels (interpreter) on this rank's half of the
-    batch saved by the test, gradients averaged over the ranks."""
+    batch saved by the test, gradients averaged over the ranks: once returned through autograd,
+    once (a copy of the same layers) accumulated by the kernels into zeroed .grad buffers, as
+    inside a training step (kernels.weights.training_step)."""
+    from fastdcgan.kernels import network
+
     inputs = torch.load(tmp / "triton_inputs.pt", weights_only=True)
-    D, layers = _triton_layers("triton")
-    distributed.use_sync_batchnorm((D,), True)
-    try:
-        half = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
-        (layers(inputs["x"][half]) * inputs["w"][half]).sum().backward()
-    finally:
-        distributed.use_sync_batchnorm((D,), False)
-    grads = {}
-    for name, p in D.named_parameters():
-        if p.grad is not None:
-            torch.distributed.all_reduce(p.grad)
-            grads[name] = p.grad / WORLD
-    return {"grads": grads, "D": D.state_dict()}
+    D, _ = _triton_layers("triton")
+    D_fused = copy.deepcopy(D)
+    sinks = []   # the gradient buffers the kernels accumulated into
+    network.grad_sink = lambda *a, f=network.grad_sink: sinks.append(f(*a)) or sinks[-1]
+    half = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
+    out = {}
+    for key, model, scope in (("grads", D, contextlib.nullcontext()),
+                              ("grads_fused", D_fused, weights.training_step())):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p) if key == "grads_fused" else None
+        distributed.use_sync_batchnorm((model,), True)
+        try:
+            with scope:
+                (model._run(inputs["x"][half], model.main[:8]) * inputs["w"][half]).sum().backward()
+        finally:
+            distributed.use_sync_batchnorm((model,), False)
+        out[key] = {}
+        for name, p in model.named_parameters():
+            if p.grad is not None and (key == "grads" or p.grad.any()):
+                torch.distributed.all_reduce(p.grad)
+                out[key][name] = p.grad / WORLD
+    return {**out, "sinks": sum(t is not None for t in sinks), "D": D.state_dict()}
 
 
 def _mismatched_config(rank, tmp):
@@ -221,9 +237,11 @@ def test_triton_sync_bn_matches_the_reference_on_the_whole_batch(two_ranks):
     expected = {name: p.grad / WORLD for name, p in D.named_parameters() if p.grad is not None}
     assert len(expected) == 7   # three conv weights, two BN (weight, bias) pairs
     for r in results["triton_sync_bn"]:
-        assert r["grads"].keys() == expected.keys()
-        for k, v in expected.items():
-            assert rel_err(r["grads"][k], v) < 1e-5, k
+        assert r["sinks"] == 7   # the second run accumulated every gradient in the kernels
+        for grads in (r["grads"], r["grads_fused"]):   # through autograd; into .grad by the kernels
+            assert grads.keys() == expected.keys()
+            for k, v in expected.items():
+                assert rel_err(grads[k], v) < 1e-5, k
         for k, v in D.state_dict().items():   # running stats and step counts
             assert rel_err(r["D"][k], v) < 1e-5 if v.is_floating_point() else torch.equal(r["D"][k], v), k
 
