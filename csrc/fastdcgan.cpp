@@ -14,6 +14,8 @@
 // sees CUDA): host side in cuda/ops_cuda.cpp, kernels in cuda/*.cu. Fake (meta) implementations and autograd live in fastdcgan/_ext.py.
 #include <Python.h>
 
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "fastdcgan.h"
@@ -74,6 +76,23 @@ TORCH_LIBRARY(fastdcgan, m) {
       "Tensor(e!)? sync=None) -> ()");
   m.def("bce_with_logits(Tensor logits, float target) -> (Tensor loss, Tensor grad)");
 }
+
+// adam_step is an optimizer update, never differentiated: its Autograd kernel goes straight below
+// autograd (and ADInplaceOrView: FusedAdam bumps the parameters' versions itself) instead of
+// leaving the op to the generic fallback for ops without a derivative, which on the H100
+// machine (torch 2.11+cu130) crashed when the op's argument check threw.
+void adam_step_below_autograd(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
+                              at::Tensor& exp_avg_sq, at::Tensor& step, double lr, double beta1,
+                              double beta2, double eps, double weight_decay,
+                              const std::optional<at::Tensor>& sync) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastdcgan::adam_step", "")
+                             .typed<decltype(adam_step_below_autograd)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  op.call(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, sync);
+}
+
+TORCH_LIBRARY_IMPL(fastdcgan, Autograd, m) { m.impl("adam_step", &adam_step_below_autograd); }
 
 }  // namespace fastdcgan
 
