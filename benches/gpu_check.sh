@@ -32,7 +32,7 @@ TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=8 \
 build_pid=$!
 
 step "kernel tests (parallel workers share the Triton cache)"
-timeout ${TEST_TIMEOUT:-200} $py -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} --tb=short \
+timeout ${TEST_TIMEOUT:-240} $py -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} --tb=short \
   tests/test_conv_transpose_bn_act.py tests/test_conv_bn_act.py tests/test_models_triton.py \
   >"$OUT/tests_kernels.log" 2>&1
 tail -2 "$OUT/tests_kernels.log"; failures "$OUT/tests_kernels.log"
@@ -49,7 +49,8 @@ if [ -z "${SKIP_TUNE:-}" ]; then
   done; done
 fi
 timeout ${STEP_TEST_TIMEOUT:-200} $py -m pytest -q -p no:cacheprovider -n 4 --tb=short \
-  tests/test_optim.py tests/test_loss.py tests/test_step.py >"$OUT/tests_step.log" 2>&1
+  tests/test_optim.py tests/test_loss.py tests/test_step.py tests/test_sampler.py tests/test_weights.py \
+  tests/test_generate.py >"$OUT/tests_step.log" 2>&1
 tail -2 "$OUT/tests_step.log"; failures "$OUT/tests_step.log"
 
 step "adam_step argument checks (segfaulted here before): C stack of a crash"
