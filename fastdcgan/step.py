@@ -14,7 +14,15 @@ update), so the updated parameters are the same with five fewer weight-gradient 
 The step runs in fastdcgan.kernels.weights.training_step(): with the triton backend each weight
 is cast (bf16) once per update instead of once per use, and the kernels accumulate the gradients
 straight into the optimizers' gradient buffers.
+
+On one CUDA device (no process group), G(z) runs on a side stream while D(real) runs on the
+current one: the two are independent and at batch 128 neither fills the GPU. The streams fork and
+join inside the step, so a captured graph holds both branches; G's backward then runs on the side
+stream too (autograd's stream semantics), and the G update waits for it. D's two passes stay on
+one stream: they update the same running statistics, in order. FASTDCGAN_OVERLAP_G=0 turns the
+side stream off.
 """
+import os
 import contextlib
 import warnings
 
@@ -49,14 +57,39 @@ class GanStep:
         # autocast's weight-cast cache would hand tensors of one capture to the next replay's
         # code path; without it each cast is part of the step (what a captured step needs)
         self.autocast_cache = True
+        self._side = None   # G's stream (see the module docstring), made on the first CUDA step
 
     def _autocast(self, device_type):
         return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16",
                               cache_enabled=self.autocast_cache)
 
+    def _side_stream(self, device):
+        if device.type != "cuda" or os.environ.get("FASTDCGAN_OVERLAP_G", "1") == "0" or (
+                torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
+        if self._side is None:
+            self._side = torch.cuda.Stream(device=device)
+        return self._side
+
+    def _g_and_d_real(self, real, z):
+        """G(z) and D.logits(real), on two streams where _side_stream allows."""
+        side = self._side_stream(real.device)
+        if side is None:
+            return self.G(z), self.D.logits(real)
+        current = torch.cuda.current_stream(real.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            fake = self.G(z)
+        logits_real = self.D.logits(real)
+        current.wait_stream(side)
+        return fake, logits_real
+
     def _update(self, opt, loss):
         opt.zero_grad()
         loss.backward()
+        if self._side is not None:
+            # kernels of a backward on the side stream may have written straight into .grad
+            torch.cuda.current_stream(self._side.device).wait_stream(self._side)
         if self.grad_sync is not None:
             self.grad_sync(opt)
         opt.step()
@@ -67,10 +100,9 @@ class GanStep:
             return self._step(real, z)
 
     def _step(self, real, z):
-        G, D = self.G, self.D
+        D = self.D
         with self._autocast(real.device.type):
-            fake = G(z)
-            logits_real = D.logits(real)
+            fake, logits_real = self._g_and_d_real(real, z)
             logits_fake = D.logits(fake.detach())
         loss_d = bce_with_logits(logits_real.float(), 1.0) + bce_with_logits(logits_fake.float(), 0.0)
         self._update(self.optD, loss_d)
