@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .activations import act_grad, apply_act
+from .grid import cdiv
 from .implicit_gemm import _load_operand
 from .memory import new_empty
 
@@ -218,7 +219,7 @@ def bn_finalize(partials, gamma, beta, running_mean, running_var, *, training, m
         t = 0
     rm = running_mean if running_mean is not None else mean
     rv = running_var if running_var is not None else mean
-    bn_finalize_kernel[(triton.cdiv(c, FIN_BLOCK_C),)](
+    bn_finalize_kernel[(cdiv(c, FIN_BLOCK_C),)](
         mean_t, m2_t, cnt, gamma, beta, rm, rv, mean, rstd, scale, shift,
         batches_tracked if batches_tracked is not None else mean, t, c, float(momentum), float(eps),
         TRAINING=training, UPDATE=update, COUNT_BATCH=batches_tracked is not None,
@@ -231,7 +232,7 @@ def bn_apply(y, scale, shift, act, slope, out_dtype):
     c = y.shape[-1]
     r = y.numel() // c
     a = new_empty(y.shape, y.device, out_dtype)
-    grid = (triton.cdiv(r, EW_BLOCK_R), triton.cdiv(c, EW_BLOCK_C))
+    grid = (cdiv(r, EW_BLOCK_R), cdiv(c, EW_BLOCK_C))
     bn_apply_kernel[grid](y, a, scale, shift, r, c, float(slope), ACT=act,
                           BLOCK_R=EW_BLOCK_R, BLOCK_C=EW_BLOCK_C)
     return a
@@ -241,10 +242,10 @@ def bn_bwd_reduce(g, y, scale, shift, mean, rstd, act, slope):
     """Per-tile partial sums (dz, dz*xhat) of an NHWC gradient g against the saved output y."""
     c = y.shape[-1]
     r = y.numel() // c
-    t = triton.cdiv(r, RED_ROWS)
+    t = cdiv(r, RED_ROWS)
     s0 = new_empty((t, c), y.device)
     s1 = new_empty((t, c), y.device)
-    bn_bwd_reduce_kernel[(t, triton.cdiv(c, EW_BLOCK_C))](
+    bn_bwd_reduce_kernel[(t, cdiv(c, EW_BLOCK_C))](
         g, y, scale, shift, mean, rstd, s0, s1, r, c, float(slope), ACT=act, ROWS=RED_ROWS,
         BLOCK_R=EW_BLOCK_R, BLOCK_C=EW_BLOCK_C)
     return s0, s1
@@ -258,7 +259,7 @@ def bn_bwd_apply(bwd):
     dy = new_empty(y.shape, y.device, y.dtype)
     aff = bwd.scale is not None
     vec = (bwd.scale, bwd.shift, bwd.ca, bwd.cb, bwd.cc) if aff else (y,) * 5
-    grid = (triton.cdiv(r, EW_BLOCK_R), triton.cdiv(c, EW_BLOCK_C))
+    grid = (cdiv(r, EW_BLOCK_R), cdiv(c, EW_BLOCK_C))
     bn_bwd_apply_kernel[grid](bwd.g, y, dy, *vec, r, c, float(bwd.slope), AFFINE=aff, ACT=bwd.act,
                               BLOCK_R=EW_BLOCK_R, BLOCK_C=EW_BLOCK_C)
     return dy
@@ -281,7 +282,7 @@ def bn_bwd_finalize(partials, gamma, mean, rstd, count, *, training, grads=None)
     c, dev = gamma.numel(), gamma.device
     dgamma, dbeta = grads if grads is not None else (new_empty((c,), dev), new_empty((c,), dev))
     coeffs = [new_empty((c,), dev) for _ in range(3)]
-    bn_bwd_finalize_kernel[(triton.cdiv(c, FIN_BLOCK_C),)](
+    bn_bwd_finalize_kernel[(cdiv(c, FIN_BLOCK_C),)](
         s0, s1, s0.shape[0], c, float(count), grad_scale, gamma, mean, rstd, dgamma, dbeta, *coeffs,
         TRAINING=training, ACCUMULATE=grads is not None, BLOCK_T=FIN_BLOCK_T, BLOCK_C=FIN_BLOCK_C)
     if grads is not None:

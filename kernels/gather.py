@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .grid import cdiv
+
 # One program: BLOCK elements (16 KB of fp32 output) of one image; images are 64*64*3 = 12288
 # bytes, so a 64x64 batch of 128 is 128 x 3 programs.
 BLOCK = 4096
@@ -29,6 +31,6 @@ def gather_normalize(images_u8, idx, scale, shift):
     n, h, w, c = images_u8.shape
     out = torch.empty(idx.numel(), h, w, c, device=images_u8.device)
     image = h * w * c
-    gather_normalize_kernel[(idx.numel(), triton.cdiv(image, BLOCK))](
+    gather_normalize_kernel[(idx.numel(), cdiv(image, BLOCK))](
         images_u8, idx, out, image, float(scale), float(shift), BLOCK=BLOCK, enable_fp_fusion=False)
     return out.permute(0, 3, 1, 2)

@@ -38,6 +38,7 @@ import triton.testing
 from triton.runtime.errors import OutOfResources
 
 from .activations import act_grad, apply_act
+from .grid import cdiv, next_power_of_2
 from .memory import new_empty
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -364,7 +365,7 @@ def _num_sms(device):
 
 
 def _pow2_clamp(v, lo, hi):
-    return max(lo, min(hi, triton.next_power_of_2(max(int(v), 1))))
+    return max(lo, min(hi, next_power_of_2(max(int(v), 1))))
 
 
 def _k_block(cin, widest):
@@ -474,7 +475,7 @@ def tile_table():
 def tile_key(kind, geom, cin, cout, m_rows, dtype):
     dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
     return (f"{kind} phw{geom.phw} t{geom.t} {geom.ih}x{geom.iw}->{geom.oh}x{geom.ow} "
-            f"{cin}->{cout} rows{triton.next_power_of_2(m_rows)} {dt}")
+            f"{cin}->{cout} rows{next_power_of_2(m_rows)} {dt}")
 
 
 _TUNED = {}
@@ -595,7 +596,7 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
                   for bn, w, s in cands]
         bm = fitted[0][0]
         cands = [(bn, w, s) for m_, bn, w, s in fitted if m_ == bm]
-    n_mt = triton.cdiv(m, bm)
+    n_mt = cdiv(m, bm)
     shape = (nb, geom.oh, geom.ow, cout)
     y = new_empty(shape, dev, dtype) if store_y else None
     a = new_empty(shape, dev, dtype) if store_a else None
@@ -640,7 +641,7 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
                   W_T=w_t, DOT_PREC=_dot_prec(dtype, geom.t * geom.t * cin), BLOCK_M=bm,
                   BLOCK_K=bk)
     tiles = [({"BLOCK_N": bn}, w, s) for bn, w, s in cands]
-    grid = lambda meta: (triton.cdiv(cout, meta["BLOCK_N"]), n_mt, geom.phases)  # noqa: E731
+    grid = lambda meta: (cdiv(cout, meta["BLOCK_N"]), n_mt, geom.phases)  # noqa: E731
     launch(conv_gemm_kernel, grid, args, consts, tiles,
            key=["M", "CIN", "COUT", "PRO", "STATS", "PHW", "T"])
     return y, a, partials
@@ -668,13 +669,13 @@ def conv_wgrad(x, pro, bwd, geom, dw=None):
         bk, aligned, bn, cands = wgrad_tiles(m * geom.phases, cin, cout, dtype)
     if not INTERPRET:
         cands = [(bm, max(w, min(8, bk * bn // (32 * ACC_REGS["wgrad"]))), s) for bm, w, s in cands]
-    tiles_kn = triton.cdiv(ktot, bk) * triton.cdiv(cout, bn) * geom.phases
+    tiles_kn = cdiv(ktot, bk) * cdiv(cout, bn) * geom.phases
     # split the pixel reduction so that the grid has ~2 programs per SM, >= 256 rows per slice
     # (interpreter: 2 slices whenever possible, to exercise the split and the atomics)
-    split = 2 if INTERPRET else triton.cdiv(2 * _num_sms(dev), tiles_kn)
-    split = max(1, min(split, triton.cdiv(m, 256)))
-    m_split = triton.cdiv(triton.cdiv(m, split), 128) * 128
-    split = triton.cdiv(m, m_split)
+    split = 2 if INTERPRET else cdiv(2 * _num_sms(dev), tiles_kn)
+    split = max(1, min(split, cdiv(m, 256)))
+    m_split = cdiv(cdiv(m, split), 128) * 128
+    split = cdiv(m, m_split)
     if dw is None:
         dw = torch.zeros(4, 4, cin, cout, device=dev, dtype=torch.float32)
     p_aff = pro is not None and pro.scale is not None
@@ -688,7 +689,7 @@ def conv_wgrad(x, pro, bwd, geom, dw=None):
                   IS=geom.in_s, OS=geom.out_s, PIN=geom.pin, TSTEP=geom.tstep, ALIGNED=aligned,
                   DOT_PREC=_dot_prec(dtype), BLOCK_N=bn, BLOCK_K=bk)
     tiles = [({"BLOCK_M": bm}, w, s) for bm, w, s in cands]
-    grid = (triton.cdiv(ktot, bk), triton.cdiv(cout, bn), geom.phases * split)
+    grid = (cdiv(ktot, bk), cdiv(cout, bn), geom.phases * split)
     launch(conv_wgrad_kernel, lambda meta: grid, args, consts, tiles,
            key=["M", "CIN", "COUT", "PRO", "PHW", "T"], reset=["dw_ptr"])
     return dw
@@ -709,7 +710,7 @@ def gemv(x, w, cout, *, pro=None, epi=None, store_y=True, store_a=False):
     a = new_empty(shape, x.device, x.dtype) if store_a else None
     p_aff = pro is not None and pro.scale is not None
     pvec = (pro.scale, pro.shift) if p_aff else (w, w)
-    gemv_kernel[(triton.cdiv(nb, GEMV_BLOCK_B), cout)](
+    gemv_kernel[(cdiv(nb, GEMV_BLOCK_B), cout)](
         x, w, y if store_y else w, a if store_a else w, *pvec, nb, k, cin, cout,
         float(pro.slope if pro else 0.0), float(epi.slope if epi else 0.0),
         PRO=1 if pro is not None else 0, PRO_AFFINE=p_aff, PRO_ACT=pro.act if pro else 0,
