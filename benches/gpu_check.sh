@@ -5,8 +5,9 @@
 # a tile sweep of the GEMM kernels (writing $OUT/tiles.json, then timing our step with it) and
 # prints a short table last. Logs go to $OUT (default ./gpu_out), at most 8 files (the device
 # tool brings back no more): build.log, tests_kernels.log, tests_step.log, steps.md, profile.md,
-# tune.md, tiles.json, optim.log. The step table runs twice: dy through the backward GEMMs'
-# prologues (default) and materialized once per block (FASTDCGAN_MATERIALIZE_DY=1).
+# tune.md, tiles.json, optim.log. The step table runs three times: the default (dy through the
+# backward GEMMs' prologues, G on a side stream beside D(real)), FASTDCGAN_MATERIALIZE_DY=1, and
+# FASTDCGAN_OVERLAP_G=0 (batch 128).
 # Usage: bash benches/gpu_check.sh   (SKIP_TUNE=1 skips the tile sweep)
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -69,6 +70,9 @@ timeout ${TABLE_TIMEOUT:-150} $py benches/step_table.py --batches 128,512 --step
 echo "dy materialized once per block (FASTDCGAN_MATERIALIZE_DY=1):" | tee -a "$OUT/steps.md"
 FASTDCGAN_MATERIALIZE_DY=1 timeout 90 $py benches/step_table.py --batches 128,512 --steps 20 \
   --peers none 2>&1 | tee -a "$OUT/steps.md" | tail -6
+echo "G not overlapped with D(real) (FASTDCGAN_OVERLAP_G=0):" | tee -a "$OUT/steps.md"
+FASTDCGAN_OVERLAP_G=0 timeout 60 $py benches/step_table.py --batches 128 --steps 20 \
+  --peers none 2>&1 | tee -a "$OUT/steps.md" | tail -4
 
 step "profile of the captured step"
 for prec in bf16 fp32; do
