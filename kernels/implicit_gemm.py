@@ -428,17 +428,6 @@ def wgrad_tiles(m_rows, cin, cout, dtype):
     return bk, aligned, bn, [(64, warps, stages), (32, 4, stages)]
 
 
-# The measured tile table: {tile_key: [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages]} for
-# "gemm" (forward) and "dgrad" (data gradient) keys and [BLOCK_K, BLOCK_N, BLOCK_M, num_warps,
-# num_stages] for "wgrad" keys, written by
-# benches/tune_gemm.py on a GPU. Read from $FASTDCGAN_TILES, else tiles.json next to this file
-# (measured on an H100; on another GPU its tiles are still correct, only maybe not the fastest:
-# re-run the sweep there); ignored under the interpreter. Keys carry the batch only as the power-of-two
-# bucket of the GEMM's rows, so the tuned batch sizes (128, 512) get their own tiles and other
-# batch sizes fall back to the heuristics.
-_TILE_TABLE = None
-
-
 # fp32 accumulator registers per thread (tile elements / threads) a GEMM tile may take before its
 # operand prologues or epilogue spill: benches/compile_check.py (sm_90 ptxas) measured the data
 # gradient (two prologue operands g and y, BN-backward sums in the epilogue) spilling 864 B/thread
@@ -461,6 +450,17 @@ def _fit_registers(bm, bn, warps, limit):
     return bm, bn, warps
 
 
+# The measured tile table: {tile_key: [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages]} for
+# "gemm" (forward) and "dgrad" (data gradient) keys and [BLOCK_K, BLOCK_N, BLOCK_M, num_warps,
+# num_stages] for "wgrad" keys, written by
+# benches/tune_gemm.py on a GPU. Read from $FASTDCGAN_TILES, else tiles.json next to this file
+# (measured on an H100; on another GPU its tiles are still correct, only maybe not the fastest:
+# re-run the sweep there); ignored under the interpreter. Keys carry the batch only as the power-of-two
+# bucket of the GEMM's rows, so the tuned batch sizes (128, 512) get their own tiles and other
+# batch sizes fall back to the heuristics.
+_TILE_TABLE = None
+
+
 def tile_table():
     global _TILE_TABLE
     if _TILE_TABLE is None:
@@ -478,7 +478,14 @@ def tile_key(kind, geom, cin, cout, m_rows, dtype):
             f"{cin}->{cout} rows{next_power_of_2(m_rows)} {dt}")
 
 
+def _tuned_tile(kind, geom, cin, cout, m_rows, dtype):
+    """The tile table's entry for this GEMM, or None."""
+    return tile_table().get(tile_key(kind, geom, cin, cout, m_rows, dtype))
+
+
 _TUNED = {}
+
+
 def _bench(fn, quantiles):
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
@@ -579,9 +586,8 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
     m = nb * geom.mh * geom.mw
     # a data gradient without its own tuned tile takes the forward tile of the same geometry (the
     # other network's forward), fitted to its register budget below
-    table = tile_table()
-    tuned = table.get(tile_key("dgrad", geom, cin, cout, m * geom.phases, dtype)) if w_t else None
-    tuned = tuned or table.get(tile_key("gemm", geom, cin, cout, m * geom.phases, dtype))
+    tuned = _tuned_tile("dgrad", geom, cin, cout, m * geom.phases, dtype) if w_t else None
+    tuned = tuned or _tuned_tile("gemm", geom, cin, cout, m * geom.phases, dtype)
     if tuned:
         bm, bn, bk, warps, stages = tuned
         aligned, cands = cin % bk == 0, [(bn, warps, stages)]
@@ -661,7 +667,7 @@ def conv_wgrad(x, pro, bwd, geom, dw=None):
     dev, dtype = x.device, x.dtype
     m = nb * geom.mh * geom.mw
     ktot = geom.t * geom.t * cin
-    tuned = tile_table().get(tile_key("wgrad", geom, cin, cout, m * geom.phases, dtype))
+    tuned = _tuned_tile("wgrad", geom, cin, cout, m * geom.phases, dtype)
     if tuned:
         bk, bn, bm, warps, stages = tuned
         aligned, cands = cin % bk == 0, [(bm, warps, stages)]
