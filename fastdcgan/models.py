@@ -94,7 +94,8 @@ class _DCGANBase(nn.Module):
         self.backend = _check_backend(backend)
         return self
 
-    def _use_triton(self, x):
+    def uses_triton(self, x):
+        """Whether a call on `x` runs the fused kernels (backend "triton", or "auto" on CUDA)."""
         if self.backend == "triton":
             return True
         return self.backend == "auto" and x.is_cuda
@@ -110,13 +111,31 @@ class _DCGANBase(nn.Module):
         if x.device != p.device:
             raise ValueError(f"{what} is on {x.device} but the model is on {p.device}")
 
-    def _run(self, x, modules):
-        """Runs `modules` (a prefix of main) either eagerly or as fused blocks."""
-        if not self._use_triton(x):
+    def _run(self, x, modules, groups=1):
+        """Runs `modules` (a prefix of main) either eagerly or as fused blocks; with `groups`,
+        on that many equal batches of x in turn (one fused pass where it can)."""
+        if groups > 1:
+            if x.shape[0] % groups:
+                raise ValueError(f"a batch of {x.shape[0]} does not split into {groups} equal groups")
+            if not self._groups_fuse(x, modules, groups):
+                return torch.cat([self._run(part, modules) for part in x.chunk(groups)])
+        if not self.uses_triton(x):
             return modules(x)
         from fastdcgan import ops
 
-        return ops.fused_network(x, [_fused_block_args(*b) for b in fused_blocks(modules)])
+        return ops.fused_network(x, [_fused_block_args(*b) for b in fused_blocks(modules)], groups)
+
+    def _groups_fuse(self, x, modules, groups):
+        """Whether the fused pass can run `groups` batch groups at once (ops.fused_network): not
+        with a cumulative-average BatchNorm (momentum None), whose momentum differs per batch."""
+        from fastdcgan.kernels.network import grouping_error
+
+        blocks = fused_blocks(modules)
+        return (self.uses_triton(x)
+                and all(bn is None or bn.momentum is not None for _, bn, _ in blocks)
+                and grouping_error(tuple(x.shape), [(isinstance(conv, nn.ConvTranspose2d),
+                                                     conv.stride[0], conv.padding[0])
+                                                    for conv, _, _ in blocks], groups) is None)
 
 
 def _fused_block_args(conv, bn, act_slope):
@@ -212,10 +231,15 @@ class Discriminator(_DCGANBase):
             raise ValueError(f"images must be 64x64, got {tuple(x.shape[2:])}")
         return x
 
-    def logits(self, x):
-        """Pre-sigmoid scores, shape (B,): what training feeds to BCE-with-logits."""
+    def logits(self, x, groups=1):
+        """Pre-sigmoid scores, shape (B,): what training feeds to BCE-with-logits.
+
+        groups: x holds that many equal batches (e.g. cat(real, fake)), each scored as in a call
+        of its own: BatchNorm statistics per batch, running statistics updated batch by batch,
+        in order. The triton backend scores them in one fused pass (twice the rows per GEMM for
+        two batches, half the launches) when each batch has a multiple of 16 images."""
         x = self._checked(x)
-        return self._run(x, self.main[:-1]).reshape(-1)
+        return self._run(x, self.main[:-1], groups).reshape(-1)
 
     def forward(self, x):
         x = self._checked(x)

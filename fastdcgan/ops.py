@@ -165,7 +165,7 @@ def conv_bn_act(x, weight, gamma, beta, running_mean, running_var, *, stride=2, 
     return fused(x, weight, gamma, beta, running_mean, running_var, **kw)
 
 
-def fused_network(x, blocks):
+def fused_network(x, blocks, groups=1):
     """Runs a chain of blocks as one fused autograd Function.
 
     blocks: sequence of dicts with keys weight, transposed, stride, padding, activation and
@@ -173,10 +173,16 @@ def fused_network(x, blocks):
     training (True), momentum (0.1), eps (1e-5), num_batches_tracked (an int64 one-element
     tensor that a training-mode BN adds 1 to, as nn.BatchNorm2d does). Same semantics as
     chaining the per-block ops.
+
+    groups: x is that many equal batches one after the other, and the result is that of running
+    the chain on each in turn (training BatchNorm: each batch's own statistics; running stats
+    and num_batches_tracked updated batch by batch), in one pass (groups times the rows per GEMM).
+    A group's GEMM rows per phase must be a multiple of 16 (for the DCGAN discriminator on
+    64x64 images: 16 images per group).
     """
     from fastdcgan.kernels.activations import act_code
     from fastdcgan.kernels.block import BlockSpec
-    from fastdcgan.kernels.network import run_network
+    from fastdcgan.kernels.network import grouping_error, run_network
 
     _validate_input("fused_network", x)
     x = _autocast(x)
@@ -206,4 +212,11 @@ def fused_network(x, blocks):
         specs.append(BlockSpec(bool(b["transposed"]), stride, padding, act_code(b["activation"]),
                                float(slope), gamma is not None, training, float(momentum), float(eps)))
         tensors += [b["weight"], gamma, beta, rm, rv, nbt]
-    return run_network(x, specs, tensors)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"fused_network: groups must be a positive int, got {groups!r}")
+    if groups > 1:
+        err = grouping_error(tuple(x.shape), [(s.transposed, s.stride, s.padding) for s in specs],
+                             groups)
+        if err:
+            raise ValueError(f"fused_network: cannot run {groups} batch groups in one pass: {err}")
+    return run_network(x, specs, tensors, groups)

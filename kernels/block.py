@@ -67,67 +67,73 @@ def _is_gemv(spec, x, cout):
 
 
 def block_forward(x, pro, wk, gamma, beta, running_mean, running_var, spec, *, keep_y, materialize,
-                  batches_tracked=None):
+                  batches_tracked=None, groups=1):
     """x: NHWC input, through the prologue `pro` (Xform of its producer) or raw (pro None); wk:
     the kernel-layout weight in x's dtype. keep_y: store the raw conv output (needed for
     backward). materialize: return the activation. batches_tracked: BatchNorm2d's counter, to
-    add 1 to when the batch statistics are computed."""
+    add 1 to per batch statistics computed. groups: the batch is that many equal groups of
+    images, each normalized by its own statistics (BN vectors [groups * C])."""
     nb, ih, iw, _ = x.shape
     cout = wk.shape[3]
     oh = conv_out_size(spec.transposed, spec.stride, spec.padding, ih)
     ow = conv_out_size(spec.transposed, spec.stride, spec.padding, iw)
     geom = make_geom(spec.transposed, spec.stride, spec.padding, ih, iw, oh, ow)
     if spec.bn and spec.training:
-        y, _, partials = conv_gemm(x, wk, geom, cout, pro=pro, stats=1)
+        y, _, partials = conv_gemm(x, wk, geom, cout, pro=pro, stats=1, groups=groups)
         mean, rstd, scale, shift = bn_finalize(partials, gamma, beta, running_mean, running_var,
                                                training=True, momentum=spec.momentum, eps=spec.eps,
-                                               batches_tracked=batches_tracked)
+                                               batches_tracked=batches_tracked, groups=groups)
         xform = Xform(scale, shift, spec.act, spec.slope)
-        a = bn_apply(y, scale, shift, spec.act, spec.slope, y.dtype) if materialize else None
+        a = bn_apply(y, scale, shift, spec.act, spec.slope, y.dtype, groups) if materialize else None
         return BlockOut(y, a, xform, mean, rstd, geom)
     mean = rstd = scale = shift = None
     if spec.bn:
         mean, rstd, scale, shift = bn_finalize(None, gamma, beta, running_mean, running_var,
-                                               training=False, momentum=0.0, eps=spec.eps)
+                                               training=False, momentum=0.0, eps=spec.eps,
+                                               groups=groups)
     xform = Xform(scale, shift, spec.act, spec.slope)
     store_a = materialize or not keep_y
     if _is_gemv(spec, x, cout):
-        y, a = gemv(x, wk, cout, pro=pro, epi=xform, store_y=keep_y, store_a=store_a)
+        y, a = gemv(x, wk, cout, pro=pro, epi=xform, store_y=keep_y, store_a=store_a, groups=groups)
     else:
-        y, a, _ = conv_gemm(x, wk, geom, cout, pro=pro, store_y=keep_y, epi=xform, store_a=store_a)
+        y, a, _ = conv_gemm(x, wk, geom, cout, pro=pro, store_y=keep_y, epi=xform, store_a=store_a,
+                            groups=groups)
     return BlockOut(y, a, xform, mean, rstd, geom)
 
 
 def block_backward(g, x, pro, wk, gamma, out, spec, *, need_dx, need_dw, dw=None, bn_grads=None,
-                   partials=None, prod=None):
+                   partials=None, prod=None, groups=1):
     """g: NHWC gradient w.r.t. the block's activation. x / pro: the block input as in forward; wk
     the kernel-layout weight of the forward. dw: fp32 kernel-layout buffer the weight gradient is
     added to (None: a new one); bn_grads: (gamma.grad, beta.grad) to add dgamma, dbeta to (None:
     new tensors). partials: BN backward sums of this block already reduced (by the consumer's
     dgrad epilogue). prod: (y, scale, shift, mean, rstd, act, slope) of the producer of x, when
-    its BN backward sums should be fused into this block's dgrad epilogue.
+    its BN backward sums should be fused into this block's dgrad epilogue. groups: as in
+    block_forward.
     Returns (dx, dW, dgamma, dbeta, producer partials); dW in kernel layout."""
     y = out.y
     if spec.bn:
         xf = out.xform
         if partials is None:
-            partials = bn_bwd_reduce(g, y, xf.scale, xf.shift, out.mean, out.rstd, spec.act, spec.slope)
+            partials = bn_bwd_reduce(g, y, xf.scale, xf.shift, out.mean, out.rstd, spec.act,
+                                     spec.slope, groups)
         count = y.numel() // y.shape[-1]
         dgamma, dbeta, ca, cb, cc = bn_bwd_finalize(partials, gamma, out.mean, out.rstd, count,
-                                                    training=spec.training, grads=bn_grads)
+                                                    training=spec.training, grads=bn_grads,
+                                                    groups=groups)
         bo = BwdOperand(g, y, xf.scale, xf.shift, ca, cb, cc, spec.act, spec.slope)
     else:
         dgamma = dbeta = None
         bo = BwdOperand(g, y, None, None, None, None, None, spec.act, spec.slope)
-    dy = bn_bwd_apply(bo) if materialize_dy() and (need_dw or need_dx) else None
+    dy = bn_bwd_apply(bo, groups) if materialize_dy() and (need_dw or need_dx) else None
     if need_dw:
-        dw = conv_wgrad(x, pro, bo if dy is None else dy, out.geom, dw)
+        dw = conv_wgrad(x, pro, bo if dy is None else dy, out.geom, dw, groups)
     dx = prod_partials = None
     if need_dx:
         nb, ih, iw, cin = x.shape
         geom = make_geom(not spec.transposed, spec.stride, spec.padding, y.shape[1], y.shape[2], ih, iw)
         dx, _, prod_partials = conv_gemm(dy, wk, geom, cin, w_t=True, bwd=bo if dy is None else None,
-                                         stats=2 if prod else 0, prod=prod)
+                                         stats=2 if prod else 0, prod=prod, groups=groups)
     return dx, dw if need_dw else None, dgamma, dbeta, prod_partials
 
 

@@ -14,6 +14,12 @@ The per-tile sums come from `bn_bwd_reduce` (or from a dgrad GEMM epilogue in th
 network); `bn_bwd_finalize` reduces them and emits dgamma, dbeta, A, B, C, which the dgrad /
 wgrad GEMM prologues apply as they load dy. In eval mode B = C = 0.
 
+Batch groups (a pass over `groups` equal batches one after the other, e.g. D on cat(real, fake),
+each normalized by its own statistics as in separate calls): every kernel here takes per-group
+vectors [groups, C]; partial rows are ordered (group, tile), the finalizes handle the groups in
+turn (running stats updated group by group), and the elementwise kernels' row tiles never
+straddle two groups.
+
 Sync BN (several processes, one global batch): both finalizes only merge partial rows, so
 `set_partials_sync` installs a gather that concatenates the rows of every process before they run;
 the result is the global batch's statistics exactly (see bn_bwd_finalize for its dgamma/dbeta).
@@ -22,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .activations import act_grad, apply_act
-from .grid import cdiv
+from .grid import cdiv, pow2_divisor
 from .implicit_gemm import _load_operand
 from .memory import new_empty
 
@@ -51,87 +57,99 @@ def set_partials_sync(sync):
 
 @triton.jit
 def bn_finalize_kernel(mean_t_ptr, m2_t_ptr, cnt_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr,
-                       mean_ptr, rstd_ptr, scale_ptr, shift_ptr, batches_ptr, T, C, momentum, eps,
-                       TRAINING: tl.constexpr, UPDATE: tl.constexpr, COUNT_BATCH: tl.constexpr,
+                       mean_ptr, rstd_ptr, scale_ptr, shift_ptr, batches_ptr, T, TG, G, C, momentum,
+                       eps, TRAINING: tl.constexpr, UPDATE: tl.constexpr, COUNT_BATCH: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    # Each program owns BLOCK_C channels and walks all T tile partials twice: the batch mean from
-    # sum(cnt*mean_t), then M2 = sum(M2_t + cnt*(mean_t - mean)^2) (Chan), in a fixed order.
-    # COUNT_BATCH: program 0 also adds 1 to BatchNorm2d's num_batches_tracked (no extra launch).
+    # Each program owns BLOCK_C channels and, for each of the G batch groups in turn, walks the
+    # group's tile partials twice: the batch mean from sum(cnt*mean_t), then
+    # M2 = sum(M2_t + cnt*(mean_t - mean)^2) (Chan), in a fixed order; the running stats take
+    # the groups' statistics one after the other, as G separate BatchNorm calls would. Partial
+    # rows are ordered [process][group][TG rows] (sync BN concatenates the processes' rows), so
+    # group g's u-th row is (u // TG)*G*TG + g*TG + u % TG, u < T / G.
+    # Vectors out: [G, C]. COUNT_BATCH: program 0 also adds G to num_batches_tracked.
     if COUNT_BATCH:
         if tl.program_id(0) == 0:
-            tl.store(batches_ptr, tl.load(batches_ptr) + 1)
+            tl.store(batches_ptr, tl.load(batches_ptr) + G)
     rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = rc < C
-    if TRAINING:
-        n = tl.zeros([BLOCK_C], tl.float32)
-        s = tl.zeros([BLOCK_C], tl.float32)
-        for t0 in range(0, T, BLOCK_T):
-            rt = t0 + tl.arange(0, BLOCK_T)
-            m = (rt < T)[:, None] & c_ok[None, :]
-            cnt = tl.load(cnt_ptr + rt, mask=rt < T, other=0.0)
-            mu = tl.load(mean_t_ptr + rt[:, None] * C + rc[None, :], mask=m, other=0.0)
-            n += tl.sum(cnt, 0)
-            s += tl.sum(cnt[:, None] * mu, 0)
-        mean = s / n
-        m2 = tl.zeros([BLOCK_C], tl.float32)
-        for t0 in range(0, T, BLOCK_T):
-            rt = t0 + tl.arange(0, BLOCK_T)
-            m = (rt < T)[:, None] & c_ok[None, :]
-            cnt = tl.load(cnt_ptr + rt, mask=rt < T, other=0.0)
-            mu = tl.load(mean_t_ptr + rt[:, None] * C + rc[None, :], mask=m, other=0.0)
-            q = tl.load(m2_t_ptr + rt[:, None] * C + rc[None, :], mask=m, other=0.0)
-            d = mu - mean[None, :]
-            m2 += tl.sum(q + cnt[:, None] * d * d, 0)
-        var = m2 / n
-        if UPDATE:
-            rm = tl.load(rm_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)
-            rv = tl.load(rv_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)
-            rm = (1.0 - momentum) * rm + momentum * mean
-            rv = (1.0 - momentum) * rv + momentum * (m2 / (n - 1.0))
-            tl.store(rm_ptr + rc, rm.to(rm_ptr.dtype.element_ty), mask=c_ok)
-            tl.store(rv_ptr + rc, rv.to(rv_ptr.dtype.element_ty), mask=c_ok)
-    else:
-        mean = tl.load(rm_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)
-        var = tl.load(rv_ptr + rc, mask=c_ok, other=1.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt_rn(var + eps)
     gamma = tl.load(gamma_ptr + rc, mask=c_ok, other=1.0).to(tl.float32)
     beta = tl.load(beta_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)
-    scale = gamma * rstd
-    tl.store(mean_ptr + rc, mean, mask=c_ok)
-    tl.store(rstd_ptr + rc, rstd, mask=c_ok)
-    tl.store(scale_ptr + rc, scale, mask=c_ok)
-    tl.store(shift_ptr + rc, beta - mean * scale, mask=c_ok)
+    rm = tl.load(rm_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)
+    rv = tl.load(rv_ptr + rc, mask=c_ok, other=1.0).to(tl.float32)
+    for g in range(G):
+        if TRAINING:
+            n = tl.zeros([BLOCK_C], tl.float32)
+            s = tl.zeros([BLOCK_C], tl.float32)
+            for t0 in range(0, T // G, BLOCK_T):
+                u = t0 + tl.arange(0, BLOCK_T)
+                rt = (u // TG) * (G * TG) + g * TG + u % TG
+                m = (u < T // G)[:, None] & c_ok[None, :]
+                cnt = tl.load(cnt_ptr + rt, mask=u < T // G, other=0.0)
+                mu = tl.load(mean_t_ptr + rt[:, None] * C + rc[None, :], mask=m, other=0.0)
+                n += tl.sum(cnt, 0)
+                s += tl.sum(cnt[:, None] * mu, 0)
+            mean = s / n
+            m2 = tl.zeros([BLOCK_C], tl.float32)
+            for t0 in range(0, T // G, BLOCK_T):
+                u = t0 + tl.arange(0, BLOCK_T)
+                rt = (u // TG) * (G * TG) + g * TG + u % TG
+                m = (u < T // G)[:, None] & c_ok[None, :]
+                cnt = tl.load(cnt_ptr + rt, mask=u < T // G, other=0.0)
+                mu = tl.load(mean_t_ptr + rt[:, None] * C + rc[None, :], mask=m, other=0.0)
+                q = tl.load(m2_t_ptr + rt[:, None] * C + rc[None, :], mask=m, other=0.0)
+                d = mu - mean[None, :]
+                m2 += tl.sum(q + cnt[:, None] * d * d, 0)
+            var = m2 / n
+            if UPDATE:
+                rm = (1.0 - momentum) * rm + momentum * mean
+                rv = (1.0 - momentum) * rv + momentum * (m2 / (n - 1.0))
+        else:
+            mean = rm
+            var = rv
+        rstd = 1.0 / tl.sqrt_rn(var + eps)
+        scale = gamma * rstd
+        tl.store(mean_ptr + g * C + rc, mean, mask=c_ok)
+        tl.store(rstd_ptr + g * C + rc, rstd, mask=c_ok)
+        tl.store(scale_ptr + g * C + rc, scale, mask=c_ok)
+        tl.store(shift_ptr + g * C + rc, beta - mean * scale, mask=c_ok)
+    if UPDATE:
+        tl.store(rm_ptr + rc, rm.to(rm_ptr.dtype.element_ty), mask=c_ok)
+        tl.store(rv_ptr + rc, rv.to(rv_ptr.dtype.element_ty), mask=c_ok)
 
 
 @triton.jit
-def bn_apply_kernel(y_ptr, a_ptr, scale_ptr, shift_ptr, R, C, slope,
+def bn_apply_kernel(y_ptr, a_ptr, scale_ptr, shift_ptr, R, C, GROUP_ROWS, slope,
                     ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # a = act(y*scale + shift) on a [BLOCK_R, BLOCK_C] tile of the NHWC tensor seen as [R, C].
+    # a = act(y*scale + shift) on a [BLOCK_R, BLOCK_C] tile of the NHWC tensor seen as [R, C];
+    # the tile's rows lie in one batch group of GROUP_ROWS rows, whose vectors it reads.
     rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m = (rr < R)[:, None] & (rc < C)[None, :]
     offs = rr[:, None] * C + rc[None, :]
+    gofs = (tl.program_id(0) * BLOCK_R) // GROUP_ROWS * C
     y = tl.load(y_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    s = tl.load(scale_ptr + rc, mask=rc < C, other=0.0)
-    b = tl.load(shift_ptr + rc, mask=rc < C, other=0.0)
+    s = tl.load(scale_ptr + gofs + rc, mask=rc < C, other=0.0)
+    b = tl.load(shift_ptr + gofs + rc, mask=rc < C, other=0.0)
     a = apply_act(y * s[None, :] + b[None, :], ACT, slope)
     tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def bn_bwd_reduce_kernel(g_ptr, y_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, s0_ptr, s1_ptr,
-                         R, C, slope, ACT: tl.constexpr, ROWS: tl.constexpr,
+                         R, C, GROUP_ROWS, slope, ACT: tl.constexpr, ROWS: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # Each program: ROWS rows x BLOCK_C channels, walked BLOCK_R rows at a time; dz = g*act'(z)
-    # with z = y*scale + shift recomputed from the saved conv output; the column sums of dz and
-    # dz*xhat go to row pid_r of the partials.
+    # Each program: ROWS rows (of one batch group of GROUP_ROWS rows) x BLOCK_C channels, walked
+    # BLOCK_R rows at a time; dz = g*act'(z) with z = y*scale + shift recomputed from the saved
+    # conv output; the column sums of dz and dz*xhat go to row pid_r of the partials (so the
+    # rows come out group by group, as bn_bwd_finalize reads them).
     pid_r = tl.program_id(0)
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = rc < C
-    s = tl.load(scale_ptr + rc, mask=c_ok, other=0.0)[None, :]
-    b = tl.load(shift_ptr + rc, mask=c_ok, other=0.0)[None, :]
-    mu = tl.load(mean_ptr + rc, mask=c_ok, other=0.0)[None, :]
-    r = tl.load(rstd_ptr + rc, mask=c_ok, other=0.0)[None, :]
+    gofs = (pid_r * ROWS) // GROUP_ROWS * C
+    s = tl.load(scale_ptr + gofs + rc, mask=c_ok, other=0.0)[None, :]
+    b = tl.load(shift_ptr + gofs + rc, mask=c_ok, other=0.0)[None, :]
+    mu = tl.load(mean_ptr + gofs + rc, mask=c_ok, other=0.0)[None, :]
+    r = tl.load(rstd_ptr + gofs + rc, mask=c_ok, other=0.0)[None, :]
     s0 = tl.zeros([BLOCK_C], tl.float32)
     s1 = tl.zeros([BLOCK_C], tl.float32)
     for r0 in range(pid_r * ROWS, pid_r * ROWS + ROWS, BLOCK_R):
@@ -148,132 +166,155 @@ def bn_bwd_reduce_kernel(g_ptr, y_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
 
 
 @triton.jit
-def bn_bwd_apply_kernel(g_ptr, y_ptr, dy_ptr, s_ptr, b_ptr, ca_ptr, cb_ptr, cc_ptr, R, C, slope,
-                        AFFINE: tl.constexpr, ACT: tl.constexpr,
+def bn_bwd_apply_kernel(g_ptr, y_ptr, dy_ptr, s_ptr, b_ptr, ca_ptr, cb_ptr, cc_ptr, R, C,
+                        GROUP_ROWS, slope, AFFINE: tl.constexpr, ACT: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # dy = A*g*act'(y*scale + shift) + B*y + C (AFFINE) or g*act'(y) on a [BLOCK_R, BLOCK_C] tile:
-    # the GEMMs' BN-backward prologue (MODE 2) written out once, for GEMMs that read it raw.
+    # dy = A*g*act'(y*scale + shift) + B*y + C (AFFINE) or g*act'(y) on a [BLOCK_R, BLOCK_C] tile
+    # (of one batch group): the GEMMs' BN-backward prologue (MODE 2) written out once, for GEMMs
+    # that read it raw.
     rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m = (rr < R)[:, None] & (rc < C)[None, :]
     offs = rr[:, None] * C + rc[None, :]
-    dy = _load_operand(y_ptr, g_ptr, offs, m, rc, C, s_ptr, b_ptr, ca_ptr, cb_ptr, cc_ptr, slope,
-                       2, AFFINE, ACT)
+    gofs = (tl.program_id(0) * BLOCK_R) // GROUP_ROWS * C
+    dy = _load_operand(y_ptr, g_ptr, offs, m, rc, C, s_ptr + gofs, b_ptr + gofs, ca_ptr + gofs,
+                       cb_ptr + gofs, cc_ptr + gofs, slope, 2, AFFINE, ACT)
     tl.store(dy_ptr + offs, dy.to(dy_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def bn_bwd_finalize_kernel(s0_ptr, s1_ptr, T, C, count, grad_scale, gamma_ptr, mean_ptr, rstd_ptr,
-                           dgamma_ptr, dbeta_ptr, ca_ptr, cb_ptr, cc_ptr,
+def bn_bwd_finalize_kernel(s0_ptr, s1_ptr, T, TG, G, C, count, grad_scale, gamma_ptr, mean_ptr,
+                           rstd_ptr, dgamma_ptr, dbeta_ptr, ca_ptr, cb_ptr, cc_ptr,
                            TRAINING: tl.constexpr, ACCUMULATE: tl.constexpr,
                            BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    # Each program reduces the T partial rows of BLOCK_C channels (fixed order: deterministic)
-    # and emits grad_scale*dgamma, grad_scale*dbeta (added to the buffers with ACCUMULATE) and
-    # the per-channel coefficients of dy = A*dz + B*y + C.
+    # Each program reduces, per batch group, the group's partial rows of BLOCK_C channels (rows
+    # ordered as in bn_finalize_kernel; fixed order: deterministic), emits the group's [G, C]
+    # coefficients of dy = A*dz + B*y + C (count: rows per group), and grad_scale*dgamma,
+    # grad_scale*dbeta summed over the groups (added to the buffers with ACCUMULATE).
     rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = rc < C
-    dbeta = tl.zeros([BLOCK_C], tl.float32)
-    dgamma = tl.zeros([BLOCK_C], tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        rt = t0 + tl.arange(0, BLOCK_T)
-        m = (rt < T)[:, None] & c_ok[None, :]
-        dbeta += tl.sum(tl.load(s0_ptr + rt[:, None] * C + rc[None, :], mask=m, other=0.0), 0)
-        dgamma += tl.sum(tl.load(s1_ptr + rt[:, None] * C + rc[None, :], mask=m, other=0.0), 0)
     gamma = tl.load(gamma_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)
-    rstd = tl.load(rstd_ptr + rc, mask=c_ok, other=0.0)
-    a = gamma * rstd
-    if TRAINING:
-        mean = tl.load(mean_ptr + rc, mask=c_ok, other=0.0)
-        b = -a * rstd * dgamma / count
-        c = a * (rstd * mean * dgamma - dbeta) / count
-    else:
-        b = tl.zeros([BLOCK_C], tl.float32)
-        c = tl.zeros([BLOCK_C], tl.float32)
-    dgamma_out = dgamma * grad_scale
-    dbeta_out = dbeta * grad_scale
+    dbeta_all = tl.zeros([BLOCK_C], tl.float32)
+    dgamma_all = tl.zeros([BLOCK_C], tl.float32)
+    for g in range(G):
+        dbeta = tl.zeros([BLOCK_C], tl.float32)
+        dgamma = tl.zeros([BLOCK_C], tl.float32)
+        for t0 in range(0, T // G, BLOCK_T):
+            u = t0 + tl.arange(0, BLOCK_T)
+            rt = (u // TG) * (G * TG) + g * TG + u % TG
+            m = (u < T // G)[:, None] & c_ok[None, :]
+            dbeta += tl.sum(tl.load(s0_ptr + rt[:, None] * C + rc[None, :], mask=m, other=0.0), 0)
+            dgamma += tl.sum(tl.load(s1_ptr + rt[:, None] * C + rc[None, :], mask=m, other=0.0), 0)
+        rstd = tl.load(rstd_ptr + g * C + rc, mask=c_ok, other=0.0)
+        a = gamma * rstd
+        if TRAINING:
+            mean = tl.load(mean_ptr + g * C + rc, mask=c_ok, other=0.0)
+            b = -a * rstd * dgamma / count
+            c = a * (rstd * mean * dgamma - dbeta) / count
+        else:
+            b = tl.zeros([BLOCK_C], tl.float32)
+            c = tl.zeros([BLOCK_C], tl.float32)
+        tl.store(ca_ptr + g * C + rc, a, mask=c_ok)
+        tl.store(cb_ptr + g * C + rc, b, mask=c_ok)
+        tl.store(cc_ptr + g * C + rc, c, mask=c_ok)
+        dbeta_all += dbeta
+        dgamma_all += dgamma
+    dgamma_out = dgamma_all * grad_scale
+    dbeta_out = dbeta_all * grad_scale
     if ACCUMULATE:
         dgamma_out += tl.load(dgamma_ptr + rc, mask=c_ok, other=0.0)
         dbeta_out += tl.load(dbeta_ptr + rc, mask=c_ok, other=0.0)
     tl.store(dgamma_ptr + rc, dgamma_out, mask=c_ok)
     tl.store(dbeta_ptr + rc, dbeta_out, mask=c_ok)
-    tl.store(ca_ptr + rc, a, mask=c_ok)
-    tl.store(cb_ptr + rc, b, mask=c_ok)
-    tl.store(cc_ptr + rc, c, mask=c_ok)
 
 
 def bn_finalize(partials, gamma, beta, running_mean, running_var, *, training, momentum, eps,
-                batches_tracked=None):
-    """partials = (mean_t [T, C], m2_t [T, C], cnt [T]) or None in eval mode.
-    Returns fp32 (mean, rstd, scale, shift); updates the running stats in place when training,
-    and adds 1 to the int64 counter `batches_tracked` when given."""
+                batches_tracked=None, groups=1):
+    """partials = (mean_t [T, C], m2_t [T, C], cnt [T]) or None in eval mode; with `groups` batch
+    groups (each normalized by its own statistics) the rows come group by group.
+    Returns fp32 (mean, rstd, scale, shift), each [groups * C] (group-major); updates the running
+    stats in place when training (group by group), and adds `groups` to the int64 counter
+    `batches_tracked` when given."""
     c, dev = gamma.numel(), gamma.device
-    mean, rstd, scale, shift = (new_empty((c,), dev) for _ in range(4))
+    mean, rstd, scale, shift = (new_empty((groups * c,), dev) for _ in range(4))
     update = training and running_mean is not None
     if training:
+        t_local = partials[2].numel()
         if _partials_sync is not None:
             partials = _partials_sync.gather(partials)
         mean_t, m2_t, cnt = partials
         t = cnt.numel()
     else:
         mean_t = m2_t = cnt = mean
-        t = 0
+        t = t_local = groups
     rm = running_mean if running_mean is not None else mean
     rv = running_var if running_var is not None else mean
     bn_finalize_kernel[(cdiv(c, FIN_BLOCK_C),)](
         mean_t, m2_t, cnt, gamma, beta, rm, rv, mean, rstd, scale, shift,
-        batches_tracked if batches_tracked is not None else mean, t, c, float(momentum), float(eps),
-        TRAINING=training, UPDATE=update, COUNT_BATCH=batches_tracked is not None,
-        BLOCK_T=FIN_BLOCK_T, BLOCK_C=FIN_BLOCK_C)
+        batches_tracked if batches_tracked is not None else mean, t, t_local // groups, groups, c,
+        float(momentum), float(eps), TRAINING=training, UPDATE=update,
+        COUNT_BATCH=batches_tracked is not None, BLOCK_T=FIN_BLOCK_T, BLOCK_C=FIN_BLOCK_C)
     return mean, rstd, scale, shift
 
 
-def bn_apply(y, scale, shift, act, slope, out_dtype):
-    """act(y*scale + shift) over an NHWC tensor, written as a new NHWC tensor."""
+def _group_rows(t, groups, limit):
+    """(rows [R, C] of the NHWC tensor t, rows per batch group, row tile <= limit within a group)."""
+    r = t.numel() // t.shape[-1]
+    return r, r // groups, limit if groups == 1 else pow2_divisor(r // groups, limit)
+
+
+def bn_apply(y, scale, shift, act, slope, out_dtype, groups=1):
+    """act(y*scale + shift) over an NHWC tensor, written as a new NHWC tensor; scale and shift
+    [groups * C]: one vector per batch group."""
     c = y.shape[-1]
-    r = y.numel() // c
+    r, group_rows, block_r = _group_rows(y, groups, EW_BLOCK_R)
     a = new_empty(y.shape, y.device, out_dtype)
-    grid = (cdiv(r, EW_BLOCK_R), cdiv(c, EW_BLOCK_C))
-    bn_apply_kernel[grid](y, a, scale, shift, r, c, float(slope), ACT=act,
-                          BLOCK_R=EW_BLOCK_R, BLOCK_C=EW_BLOCK_C)
+    grid = (cdiv(r, block_r), cdiv(c, EW_BLOCK_C))
+    bn_apply_kernel[grid](y, a, scale, shift, r, c, group_rows, float(slope), ACT=act,
+                          BLOCK_R=block_r, BLOCK_C=EW_BLOCK_C)
     return a
 
 
-def bn_bwd_reduce(g, y, scale, shift, mean, rstd, act, slope):
-    """Per-tile partial sums (dz, dz*xhat) of an NHWC gradient g against the saved output y."""
+def bn_bwd_reduce(g, y, scale, shift, mean, rstd, act, slope, groups=1):
+    """Per-tile partial sums (dz, dz*xhat) of an NHWC gradient g against the saved output y, the
+    vectors [groups * C]; partial rows come group by group."""
     c = y.shape[-1]
-    r = y.numel() // c
-    t = cdiv(r, RED_ROWS)
+    r, group_rows, rows = _group_rows(y, groups, RED_ROWS)
+    t = cdiv(r, rows)
     s0 = new_empty((t, c), y.device)
     s1 = new_empty((t, c), y.device)
     bn_bwd_reduce_kernel[(t, cdiv(c, EW_BLOCK_C))](
-        g, y, scale, shift, mean, rstd, s0, s1, r, c, float(slope), ACT=act, ROWS=RED_ROWS,
-        BLOCK_R=EW_BLOCK_R, BLOCK_C=EW_BLOCK_C)
+        g, y, scale, shift, mean, rstd, s0, s1, r, c, group_rows, float(slope), ACT=act, ROWS=rows,
+        BLOCK_R=min(EW_BLOCK_R, rows), BLOCK_C=EW_BLOCK_C)
     return s0, s1
 
 
-def bn_bwd_apply(bwd):
-    """The data-gradient operand of a BwdOperand, materialized: dy (NHWC, y's dtype)."""
+def bn_bwd_apply(bwd, groups=1):
+    """The data-gradient operand of a BwdOperand (vectors [groups * C]), materialized: dy (NHWC,
+    y's dtype)."""
     y = bwd.y
     c = y.shape[-1]
-    r = y.numel() // c
+    r, group_rows, block_r = _group_rows(y, groups, EW_BLOCK_R)
     dy = new_empty(y.shape, y.device, y.dtype)
     aff = bwd.scale is not None
     vec = (bwd.scale, bwd.shift, bwd.ca, bwd.cb, bwd.cc) if aff else (y,) * 5
-    grid = (cdiv(r, EW_BLOCK_R), cdiv(c, EW_BLOCK_C))
-    bn_bwd_apply_kernel[grid](bwd.g, y, dy, *vec, r, c, float(bwd.slope), AFFINE=aff, ACT=bwd.act,
-                              BLOCK_R=EW_BLOCK_R, BLOCK_C=EW_BLOCK_C)
+    grid = (cdiv(r, block_r), cdiv(c, EW_BLOCK_C))
+    bn_bwd_apply_kernel[grid](bwd.g, y, dy, *vec, r, c, group_rows, float(bwd.slope), AFFINE=aff,
+                              ACT=bwd.act, BLOCK_R=block_r, BLOCK_C=EW_BLOCK_C)
     return dy
 
 
-def bn_bwd_finalize(partials, gamma, mean, rstd, count, *, training, grads=None):
-    """Returns (dgamma, dbeta, A, B, C), all fp32 [C]; `count` is this process's N*H*W. grads:
-    fp32 (gamma.grad, beta.grad) to add dgamma, dbeta to (they are then returned as None).
+def bn_bwd_finalize(partials, gamma, mean, rstd, count, *, training, grads=None, groups=1):
+    """Returns (dgamma, dbeta [C], A, B, C [groups * C]), fp32; `count` is this process's N*H*W
+    (all groups), mean/rstd [groups * C], partial rows group by group. grads: fp32 (gamma.grad,
+    beta.grad) to add dgamma, dbeta to (they are then returned as None).
 
     With sync BN (training), A, B, C come from the global sums and count, and dgamma, dbeta are
     this process's share of the global sums (divided by the world size): the data-parallel
     gradient average over processes then gives the global batch's gradient."""
     synced = training and _partials_sync is not None
     grad_scale = 1.0
+    t_local = partials[0].shape[0]
     if synced:
         partials = _partials_sync.gather(partials)
         count *= _partials_sync.world_size
@@ -281,10 +322,11 @@ def bn_bwd_finalize(partials, gamma, mean, rstd, count, *, training, grads=None)
     s0, s1 = partials
     c, dev = gamma.numel(), gamma.device
     dgamma, dbeta = grads if grads is not None else (new_empty((c,), dev), new_empty((c,), dev))
-    coeffs = [new_empty((c,), dev) for _ in range(3)]
+    coeffs = [new_empty((groups * c,), dev) for _ in range(3)]
     bn_bwd_finalize_kernel[(cdiv(c, FIN_BLOCK_C),)](
-        s0, s1, s0.shape[0], c, float(count), grad_scale, gamma, mean, rstd, dgamma, dbeta, *coeffs,
-        TRAINING=training, ACCUMULATE=grads is not None, BLOCK_T=FIN_BLOCK_T, BLOCK_C=FIN_BLOCK_C)
+        s0, s1, s0.shape[0], t_local // groups, groups, c, float(count // groups), grad_scale,
+        gamma, mean, rstd, dgamma, dbeta, *coeffs, TRAINING=training,
+        ACCUMULATE=grads is not None, BLOCK_T=FIN_BLOCK_T, BLOCK_C=FIN_BLOCK_C)
     if grads is not None:
         dgamma = dbeta = None
     return (dgamma, dbeta, *coeffs)

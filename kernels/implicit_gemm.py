@@ -38,7 +38,7 @@ import triton.testing
 from triton.runtime.errors import OutOfResources
 
 from .activations import act_grad, apply_act
-from .grid import cdiv, next_power_of_2
+from .grid import cdiv, next_power_of_2, pow2_divisor
 from .memory import new_empty
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -209,10 +209,10 @@ def conv_gemm_kernel(
     ps_ptr, pb_ptr, pca_ptr, pcb_ptr, pcc_ptr,
     es_ptr, eb_ptr, em_ptr, er_ptr, ey_ptr,
     st0_ptr, st1_ptr, cnt_ptr,
-    M, CIN, COUT, IH, IW, OH, OW, MH, MW, IOFF, pro_slope, epi_slope,
+    M, CIN, COUT, IH, IW, OH, OW, MH, MW, IOFF, GROUP_TILES, pro_slope, epi_slope,
     PRO: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_ACT: tl.constexpr,
     STORE_Y: tl.constexpr, STORE_A: tl.constexpr, EPI_AFFINE: tl.constexpr, EPI_ACT: tl.constexpr,
-    STATS: tl.constexpr,
+    STATS: tl.constexpr, GROUPED: tl.constexpr,
     PHW: tl.constexpr, T: tl.constexpr, IS: tl.constexpr, OS: tl.constexpr, PIN: tl.constexpr,
     TSTEP: tl.constexpr, ALIGNED: tl.constexpr, W_T: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -224,11 +224,23 @@ def conv_gemm_kernel(
     # M2) of acc for BN (row phase*num_m_tiles + pid_m of the partials); STATS 2: per-tile sums of
     # dz = acc*act'(z) and dz*xhat of the producer layer whose saved output ey sits at the same
     # positions (the chained network's dgrad fuses the next BN backward reduction here).
+    # GROUPED (batch groups: BatchNorm per group of images, kernels/bn.py): a group's rows of a
+    # phase are GROUP_TILES whole row tiles, so the tile's group is a scalar; it selects the
+    # [group, C] rows of the prologue's and epilogue's BN vectors, and the partial rows are
+    # ordered (group, phase, tile) so that bn_finalize reads each group's rows together.
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     phase = tl.program_id(2)
     ph = phase // PHW
     pw = phase % PHW
+    if GROUPED:
+        group = pid_m // GROUP_TILES
+        srow = (group * tl.num_programs(2) + phase) * GROUP_TILES + pid_m % GROUP_TILES
+    else:
+        group = 0
+        srow = phase * tl.num_programs(1) + pid_m
+    pro_g = group * CIN
+    epi_g = group * COUT
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n, ih0, iw0, oh, ow = _rows(rm, MH, MW, ph, pw, IOFF, IS, OS, PIN)
     row_ok = (rm < M) & (oh < OH) & (ow < OW)
@@ -241,8 +253,9 @@ def conv_gemm_kernel(
     for k0 in range(0, KTOT, BLOCK_K):
         offs, ok, ci, tap = _im2col(k0, rk, xrow, ih0, iw0, row_ok, CIN, IH, IW, KTOT, T, TSTEP,
                                     ALIGNED)
-        a = _load_operand(x_ptr, g_ptr, offs, ok, ci, CIN, ps_ptr, pb_ptr, pca_ptr, pcb_ptr, pcc_ptr,
-                          pro_slope, PRO, PRO_AFFINE, PRO_ACT)
+        a = _load_operand(x_ptr, g_ptr, offs, ok, ci, CIN, ps_ptr + pro_g, pb_ptr + pro_g,
+                          pca_ptr + pro_g, pcb_ptr + pro_g, pcc_ptr + pro_g, pro_slope, PRO,
+                          PRO_AFFINE, PRO_ACT)
         b = tl.load(w_ptr + _weight_offsets(tap, ci, rn, ph, pw, CIN, COUT, PHW, T, W_T),
                     mask=(k0 + rk < KTOT)[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PREC)
@@ -251,7 +264,6 @@ def conv_gemm_kernel(
     omask = row_ok[:, None] & col_ok[None, :]
     if STORE_Y:
         tl.store(y_ptr + optr, acc.to(y_ptr.dtype.element_ty), mask=omask)
-    srow = phase * tl.num_programs(1) + pid_m
     if STATS == 1:
         cnt = tl.sum(row_ok.to(tl.float32), 0)
         mean_t = tl.sum(tl.where(omask, acc, 0.0), 0) / tl.maximum(cnt, 1.0)
@@ -261,18 +273,18 @@ def conv_gemm_kernel(
         tl.store(cnt_ptr + srow, cnt)
     if STATS == 2:
         yp = tl.load(ey_ptr + optr, mask=omask, other=0.0).to(tl.float32)
-        s = tl.load(es_ptr + rn, mask=col_ok, other=0.0)[None, :]
-        b = tl.load(eb_ptr + rn, mask=col_ok, other=0.0)[None, :]
-        mu = tl.load(em_ptr + rn, mask=col_ok, other=0.0)[None, :]
-        r = tl.load(er_ptr + rn, mask=col_ok, other=0.0)[None, :]
+        s = tl.load(es_ptr + epi_g + rn, mask=col_ok, other=0.0)[None, :]
+        b = tl.load(eb_ptr + epi_g + rn, mask=col_ok, other=0.0)[None, :]
+        mu = tl.load(em_ptr + epi_g + rn, mask=col_ok, other=0.0)[None, :]
+        r = tl.load(er_ptr + epi_g + rn, mask=col_ok, other=0.0)[None, :]
         dz = tl.where(omask, acc * act_grad(yp * s + b, EPI_ACT, epi_slope), 0.0)
         tl.store(st0_ptr + srow * COUT + rn, tl.sum(dz, 0), mask=col_ok)
         tl.store(st1_ptr + srow * COUT + rn, tl.sum(dz * (yp - mu) * r, 0), mask=col_ok)
     if STORE_A:
         v = acc
         if EPI_AFFINE:
-            v = v * tl.load(es_ptr + rn, mask=col_ok, other=0.0)[None, :] \
-                + tl.load(eb_ptr + rn, mask=col_ok, other=0.0)[None, :]
+            v = v * tl.load(es_ptr + epi_g + rn, mask=col_ok, other=0.0)[None, :] \
+                + tl.load(eb_ptr + epi_g + rn, mask=col_ok, other=0.0)[None, :]
         v = apply_act(v, EPI_ACT, epi_slope)
         tl.store(a_ptr + optr, v.to(a_ptr.dtype.element_ty), mask=omask)
 
@@ -281,9 +293,10 @@ def conv_gemm_kernel(
 def conv_wgrad_kernel(
     x_ptr, g_ptr, y_ptr, dw_ptr,
     ps_ptr, pb_ptr, qs_ptr, qb_ptr, qca_ptr, qcb_ptr, qcc_ptr,
-    M, CIN, COUT, IH, IW, OH, OW, MH, MW, IOFF, SPLIT, M_SPLIT, pro_slope, out_slope,
+    M, CIN, COUT, IH, IW, OH, OW, MH, MW, IOFF, SPLIT, M_SPLIT, GROUP_ROWS, GROUP_SPLIT, pro_slope,
+    out_slope,
     PRO: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_ACT: tl.constexpr,
-    OUT_MODE: tl.constexpr, OUT_AFFINE: tl.constexpr, OUT_ACT: tl.constexpr,
+    OUT_MODE: tl.constexpr, OUT_AFFINE: tl.constexpr, OUT_ACT: tl.constexpr, GROUPED: tl.constexpr,
     PHW: tl.constexpr, T: tl.constexpr, IS: tl.constexpr, OS: tl.constexpr, PIN: tl.constexpr,
     TSTEP: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -293,7 +306,9 @@ def conv_wgrad_kernel(
     # the (huge) pixel reduction, and adds its fp32 partial into dw (kernel layout; every weight
     # tap belongs to exactly one phase) with atomics, so dw may already hold a gradient. The forward
     # input comes through the producer's prologue (MODE 1) and dy through the BN/act backward
-    # prologue (MODE 2), so neither is materialized.
+    # prologue (MODE 2), so neither is materialized. GROUPED (batch groups): each group of
+    # GROUP_ROWS rows per phase is cut into GROUP_SPLIT of the slices, so a program's rows lie in
+    # one group, whose [group, C] BN vectors both prologues read.
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     phase = tl.program_id(2) // SPLIT
@@ -305,8 +320,16 @@ def conv_wgrad_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = rn < COUT
     KTOT = T * T * CIN
-    m_lo = split * M_SPLIT
-    m_hi = tl.minimum(M, m_lo + M_SPLIT)
+    if GROUPED:
+        group = split // GROUP_SPLIT
+        m_lo = group * GROUP_ROWS + split % GROUP_SPLIT * M_SPLIT
+        m_hi = tl.minimum(group * GROUP_ROWS + GROUP_ROWS, m_lo + M_SPLIT)
+    else:
+        group = 0
+        m_lo = split * M_SPLIT
+        m_hi = tl.minimum(M, m_lo + M_SPLIT)
+    pro_g = group * CIN
+    out_g = group * COUT
     acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     for m0 in range(m_lo, m_hi, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
@@ -314,12 +337,12 @@ def conv_wgrad_kernel(
         row_ok = (rm < m_hi) & (oh < OH) & (ow < OW)
         offs, ok, ci, _ = _im2col(k0, rk, n * (IH * IW * CIN), ih0, iw0, row_ok, CIN, IH, IW,
                                   KTOT, T, TSTEP, ALIGNED)
-        a = _load_operand(x_ptr, x_ptr, offs, ok, ci, CIN, ps_ptr, pb_ptr, ps_ptr, ps_ptr, ps_ptr,
-                          pro_slope, PRO, PRO_AFFINE, PRO_ACT)
+        a = _load_operand(x_ptr, x_ptr, offs, ok, ci, CIN, ps_ptr + pro_g, pb_ptr + pro_g, ps_ptr,
+                          ps_ptr, ps_ptr, pro_slope, PRO, PRO_AFFINE, PRO_ACT)
         optr = ((n * (OH * OW) + oh * OW + ow) * COUT)[:, None] + rn[None, :]
         dy = _load_operand(y_ptr, g_ptr, optr, row_ok[:, None] & col_ok[None, :], rn, COUT,
-                           qs_ptr, qb_ptr, qca_ptr, qcb_ptr, qcc_ptr, out_slope, OUT_MODE, OUT_AFFINE,
-                           OUT_ACT)
+                           qs_ptr + out_g, qb_ptr + out_g, qca_ptr + out_g, qcb_ptr + out_g,
+                           qcc_ptr + out_g, out_slope, OUT_MODE, OUT_AFFINE, OUT_ACT)
         acc = tl.dot(tl.trans(a.to(x_ptr.dtype.element_ty)), dy.to(x_ptr.dtype.element_ty), acc,
                      input_precision=DOT_PREC)
     tap, ci = _k_coords(k0, rk, CIN, ALIGNED)
@@ -328,16 +351,19 @@ def conv_wgrad_kernel(
 
 
 @triton.jit
-def gemv_kernel(x_ptr, w_ptr, y_ptr, a_ptr, ps_ptr, pb_ptr, NB, K, CIN, COUT, pro_slope, epi_slope,
+def gemv_kernel(x_ptr, w_ptr, y_ptr, a_ptr, ps_ptr, pb_ptr, NB, K, CIN, COUT, GROUP_IMAGES,
+                pro_slope, epi_slope,
                 PRO: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_ACT: tl.constexpr,
                 STORE_Y: tl.constexpr, STORE_A: tl.constexpr, EPI_ACT: tl.constexpr,
                 BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     # A conv whose kernel covers the whole input (D's last layer, 4x4 -> 1x1, Cout = 1) is a GEMV
     # out[n, co] = sum_k x[n, k] W[k, co] with k = (h, w, ci) = the NHWC image. One program: BLOCK_B
     # images x one output channel, K streamed in BLOCK_K chunks on CUDA cores (a 16-wide tensor-core
-    # tile would be 15/16 padding), fp32 FMAs, the producer's BN + activation applied on load.
+    # tile would be 15/16 padding), fp32 FMAs, the producer's BN + activation applied on load
+    # (the BLOCK_B images lie in one batch group of GROUP_IMAGES, whose BN vectors they take).
     rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     co = tl.program_id(1)
+    pro_g = (tl.program_id(0) * BLOCK_B) // GROUP_IMAGES * CIN
     b_ok = rb < NB
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
@@ -345,8 +371,8 @@ def gemv_kernel(x_ptr, w_ptr, y_ptr, a_ptr, ps_ptr, pb_ptr, NB, K, CIN, COUT, pr
         kk = k0 + rk
         k_ok = kk < K
         v = _load_operand(x_ptr, x_ptr, rb[:, None] * K + kk[None, :], b_ok[:, None] & k_ok[None, :],
-                          kk % CIN, CIN, ps_ptr, pb_ptr, ps_ptr, ps_ptr, ps_ptr, pro_slope,
-                          PRO, PRO_AFFINE, PRO_ACT)
+                          kk % CIN, CIN, ps_ptr + pro_g, pb_ptr + pro_g, ps_ptr, ps_ptr, ps_ptr,
+                          pro_slope, PRO, PRO_AFFINE, PRO_ACT)
         w = tl.load(w_ptr + kk * COUT + co, mask=k_ok, other=0.0).to(tl.float32)
         acc += v * w[None, :]
     out = tl.sum(acc, 1)
@@ -552,6 +578,11 @@ class BwdOperand:
     slope: float
 
 
+def _affine(operand):
+    """Whether an Xform / BwdOperand (or None) reads per-channel (so per batch group) vectors."""
+    return operand is not None and operand.scale is not None
+
+
 # fp32 GEMMs with a reduction this short (D's first layer: K = 3*16, G's first: K = nz = 100) are
 # memory-bound, so they use 3xTF32 (fp32-accurate) at no cost in time: with plain TF32 their
 # outputs' rounding flips the sign of pre-activations near zero, and the ReLU/LeakyReLU
@@ -571,7 +602,7 @@ def _dot_prec(dtype, ktot=None):
 
 
 def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, epi=None,
-              store_a=False, stats=0, prod=None):
+              store_a=False, stats=0, prod=None, groups=1):
     """Runs conv_gemm_kernel over all phases.
 
     x: NHWC input [N, IH, IW, CIN] (with prologue `pro`: Xform) or, for the dgrad, `bwd`
@@ -579,6 +610,8 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
     w_t (the data gradient) [4, 4, cout, CIN]. Returns (y, a, partials): y the raw output (store_y),
     a = act(y*epi.scale + epi.shift) (store_a), partials per `stats` (1: BN forward (mean_t, m2_t,
     cnt); 2: BN backward sums of the producer `prod` = (y, scale, shift, mean, rstd, act, slope)).
+    groups: the batch is that many groups of images with their own BN vectors ([groups * C]
+    each) and partial rows; the row tile shrinks to divide a group's rows.
     """
     src = bwd.y if bwd is not None else x
     nb, ih, iw, cin = src.shape
@@ -602,6 +635,15 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
                   for bn, w, s in cands]
         bm = fitted[0][0]
         cands = [(bn, w, s) for m_, bn, w, s in fitted if m_ == bm]
+    group_tiles = None
+    grouped = groups > 1 and bool(stats or _affine(pro) or _affine(bwd) or _affine(epi))
+    if grouped:
+        group_rows = (nb // groups) * geom.mh * geom.mw
+        bm = pow2_divisor(group_rows, bm)
+        if bm < 16:
+            raise ValueError(f"a batch group's {group_rows} GEMM rows per phase are not a multiple "
+                             "of 16 (the smallest row tile)")
+        group_tiles = group_rows // bm
     n_mt = cdiv(m, bm)
     shape = (nb, geom.oh, geom.ow, cout)
     y = new_empty(shape, dev, dtype) if store_y else None
@@ -640,10 +682,10 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
         evec = (epi.scale, epi.shift, dummy, dummy, dummy) if e_aff else (dummy,) * 5
     args = (xin, gin, w, y if store_y else dummy, a if store_a else dummy, *pvec, *evec,
             st0, st1, cnt, m, cin, cout, ih, iw, geom.oh, geom.ow, geom.mh, geom.mw, geom.ioff,
-            float(p_slope), float(e_slope))
+            group_tiles or n_mt, float(p_slope), float(e_slope))
     consts = dict(PRO=mode, PRO_AFFINE=p_aff, PRO_ACT=p_act, STORE_Y=store_y, STORE_A=store_a,
-                  EPI_AFFINE=e_aff, EPI_ACT=e_act, STATS=stats, PHW=geom.phw, T=geom.t,
-                  IS=geom.in_s, OS=geom.out_s, PIN=geom.pin, TSTEP=geom.tstep, ALIGNED=aligned,
+                  EPI_AFFINE=e_aff, EPI_ACT=e_act, STATS=stats, GROUPED=grouped, PHW=geom.phw,
+                  T=geom.t, IS=geom.in_s, OS=geom.out_s, PIN=geom.pin, TSTEP=geom.tstep, ALIGNED=aligned,
                   W_T=w_t, DOT_PREC=_dot_prec(dtype, geom.t * geom.t * cin), BLOCK_M=bm,
                   BLOCK_K=bk)
     tiles = [({"BLOCK_N": bn}, w, s) for bn, w, s in cands]
@@ -653,10 +695,11 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
     return y, a, partials
 
 
-def conv_wgrad(x, pro, bwd, geom, dw=None):
+def conv_wgrad(x, pro, bwd, geom, dw=None, groups=1):
     """Adds sum over pixels of im2col(pro(x))^T @ dy into the fp32 kernel-layout weight gradient
     dw [4, 4, CIN, COUT] (zeros when None) and returns it; dy is a BwdOperand (the BN/activation
-    backward applied as it loads) or a materialized NHWC tensor."""
+    backward applied as it loads) or a materialized NHWC tensor. groups: batch groups with their
+    own BN vectors ([groups * C] in pro and dy); the pixel reduction is sliced per group."""
     if isinstance(bwd, torch.Tensor):
         bwd = BwdOperand(bwd, bwd, None, None, None, None, None, 0, 0.0)
         out_mode = 0
@@ -675,13 +718,19 @@ def conv_wgrad(x, pro, bwd, geom, dw=None):
         bk, aligned, bn, cands = wgrad_tiles(m * geom.phases, cin, cout, dtype)
     if not INTERPRET:
         cands = [(bm, max(w, min(8, bk * bn // (32 * ACC_REGS["wgrad"]))), s) for bm, w, s in cands]
+    grouped = groups > 1 and (_affine(pro) or _affine(bwd))
+    if not grouped:
+        groups = 1
+    group_rows = (nb // groups) * geom.mh * geom.mw
     tiles_kn = cdiv(ktot, bk) * cdiv(cout, bn) * geom.phases
     # split the pixel reduction so that the grid has ~2 programs per SM, >= 256 rows per slice
-    # (interpreter: 2 slices whenever possible, to exercise the split and the atomics)
+    # (interpreter: 2 slices whenever possible, to exercise the split and the atomics), the same
+    # number of slices in each batch group
     split = 2 if INTERPRET else cdiv(2 * _num_sms(dev), tiles_kn)
-    split = max(1, min(split, cdiv(m, 256)))
-    m_split = cdiv(cdiv(m, split), 128) * 128
-    split = cdiv(m, m_split)
+    group_split = cdiv(max(1, min(split, cdiv(m, 256))), groups)
+    m_split = cdiv(cdiv(group_rows, group_split), 128) * 128
+    group_split = cdiv(group_rows, m_split)
+    split = group_split * groups
     if dw is None:
         dw = torch.zeros(4, 4, cin, cout, device=dev, dtype=torch.float32)
     p_aff = pro is not None and pro.scale is not None
@@ -689,10 +738,11 @@ def conv_wgrad(x, pro, bwd, geom, dw=None):
     q_aff = bwd.scale is not None
     qvec = (bwd.scale, bwd.shift, bwd.ca, bwd.cb, bwd.cc) if q_aff else (dw,) * 5
     args = (x, bwd.g, bwd.y, dw, *pvec, *qvec, m, cin, cout, ih, iw, geom.oh, geom.ow, geom.mh,
-            geom.mw, geom.ioff, split, m_split, float(pro.slope if pro else 0.0), float(bwd.slope))
+            geom.mw, geom.ioff, split, m_split, group_rows, group_split,
+            float(pro.slope if pro else 0.0), float(bwd.slope))
     consts = dict(PRO=1 if pro is not None else 0, PRO_AFFINE=p_aff, PRO_ACT=pro.act if pro else 0,
-                  OUT_MODE=out_mode, OUT_AFFINE=q_aff, OUT_ACT=bwd.act, PHW=geom.phw, T=geom.t,
-                  IS=geom.in_s, OS=geom.out_s, PIN=geom.pin, TSTEP=geom.tstep, ALIGNED=aligned,
+                  OUT_MODE=out_mode, OUT_AFFINE=q_aff, OUT_ACT=bwd.act, GROUPED=grouped,
+                  PHW=geom.phw, T=geom.t, IS=geom.in_s, OS=geom.out_s, PIN=geom.pin, TSTEP=geom.tstep, ALIGNED=aligned,
                   DOT_PREC=_dot_prec(dtype), BLOCK_N=bn, BLOCK_K=bk)
     tiles = [({"BLOCK_M": bm}, w, s) for bm, w, s in cands]
     grid = (cdiv(ktot, bk), cdiv(cout, bn), geom.phases * split)
@@ -706,20 +756,24 @@ def conv_wgrad(x, pro, bwd, geom, dw=None):
 GEMV_BLOCK_B, GEMV_BLOCK_K = 16, 256
 
 
-def gemv(x, w, cout, *, pro=None, epi=None, store_y=True, store_a=False):
+def gemv(x, w, cout, *, pro=None, epi=None, store_y=True, store_a=False, groups=1):
     """out[n, 0, 0, co] for a conv whose 4x4 kernel covers the whole (4x4) input, no BN; w is the
-    kernel-layout weight [4, 4, CIN, cout], i.e. the GEMV's [K = (h, w, ci), cout] matrix."""
+    kernel-layout weight [4, 4, CIN, cout], i.e. the GEMV's [K = (h, w, ci), cout] matrix. groups:
+    batch groups with their own producer BN vectors ([groups * CIN] in pro)."""
     nb, ih, iw, cin = x.shape
+    p_aff = _affine(pro)
+    if not p_aff:
+        groups = 1
+    block_b = GEMV_BLOCK_B if groups == 1 else pow2_divisor(nb // groups, GEMV_BLOCK_B)
     k = ih * iw * cin
     shape = (nb, 1, 1, cout)
     y = new_empty(shape, x.device, x.dtype) if store_y else None
     a = new_empty(shape, x.device, x.dtype) if store_a else None
-    p_aff = pro is not None and pro.scale is not None
     pvec = (pro.scale, pro.shift) if p_aff else (w, w)
-    gemv_kernel[(cdiv(nb, GEMV_BLOCK_B), cout)](
-        x, w, y if store_y else w, a if store_a else w, *pvec, nb, k, cin, cout,
+    gemv_kernel[(cdiv(nb, block_b), cout)](
+        x, w, y if store_y else w, a if store_a else w, *pvec, nb, k, cin, cout, nb // groups,
         float(pro.slope if pro else 0.0), float(epi.slope if epi else 0.0),
         PRO=1 if pro is not None else 0, PRO_AFFINE=p_aff, PRO_ACT=pro.act if pro else 0,
         STORE_Y=store_y, STORE_A=store_a, EPI_ACT=epi.act if epi else 0,
-        BLOCK_B=GEMV_BLOCK_B, BLOCK_K=GEMV_BLOCK_K)
+        BLOCK_B=block_b, BLOCK_K=GEMV_BLOCK_K)
     return y, a

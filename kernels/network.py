@@ -12,20 +12,25 @@ two tiny finalize kernels, with no separate elementwise pass.
 Weights are read in kernel layout (kernels/weights.py), cast for all blocks at once; inside
 weights.training_step() the weight and BN-parameter gradients are accumulated by the kernels
 straight into the parameters' .grad (autograd then gets None for them).
+
+groups > 1: the input is that many equal batches, each with its own BatchNorm statistics (as if
+the chain ran on each in turn), in one pass: the training step's D scores real and fake images
+so, with half the launches and twice the rows per GEMM.
 """
 import torch
 from torch.autograd.function import once_differentiable
 
 from .block import BlockOut, block_backward, block_forward
-from .implicit_gemm import Xform
+from .implicit_gemm import Xform, conv_out_size, make_geom
 from .weights import grad_sink, kernel_weights, torch_view
 
 _PER_BLOCK = 6   # weight, gamma, beta, running_mean, running_var, num_batches_tracked
+_FIRST = 3       # NetworkFunction's inputs before the blocks' tensors: x, specs, groups
 
 
 class NetworkFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, specs, *tensors):
+    def forward(ctx, x, specs, groups, *tensors):
         cur, pro = x.permute(0, 2, 3, 1).contiguous(), None
         xh = cur
         wks = _kernel_weights(specs, tensors, cur.dtype)
@@ -33,10 +38,10 @@ class NetworkFunction(torch.autograd.Function):
         for i, spec in enumerate(specs):
             _, gamma, beta, rm, rv, nbt = tensors[_PER_BLOCK * i:_PER_BLOCK * (i + 1)]
             out = block_forward(cur, pro, wks[i], gamma, beta, rm, rv, spec, keep_y=True,
-                                materialize=i == len(specs) - 1, batches_tracked=nbt)
+                                materialize=i == len(specs) - 1, batches_tracked=nbt, groups=groups)
             outs.append(out)
             cur, pro = out.y, out.xform
-        ctx.specs = specs
+        ctx.specs, ctx.groups = specs, groups
         ctx.geoms = [o.geom for o in outs]
         # the parameters themselves (leaves, not saved tensors): backward looks up their .grad
         ctx.params = [tensors[_PER_BLOCK * i:_PER_BLOCK * i + 3] for i in range(len(specs))]
@@ -58,12 +63,12 @@ class NetworkFunction(torch.autograd.Function):
             out = BlockOut(y, None, Xform(scale, shift, spec.act, spec.slope), mean, rstd, ctx.geoms[i])
             blocks.append((w, gamma, out))
         need = ctx.needs_input_grad
-        # grads: x, specs, then (weight, gamma, beta, rm, rv, num_batches_tracked) per block
-        grads = [None] * (2 + _PER_BLOCK * len(specs))
+        # grads: x, specs, groups, then (weight, gamma, beta, rm, rv, num_batches_tracked) per block
+        grads = [None] * (_FIRST + _PER_BLOCK * len(specs))
         # a block's dgrad is needed when anything below it wants a gradient
         below = [need[0]]
         for i in range(1, len(specs)):
-            base = 2 + _PER_BLOCK * (i - 1)
+            base = _FIRST + _PER_BLOCK * (i - 1)
             below.append(below[-1] or any(need[base:base + 3]))
         g = grad.permute(0, 2, 3, 1).contiguous().to(blocks[-1][2].y.dtype)
         partials = None
@@ -80,7 +85,7 @@ class NetworkFunction(torch.autograd.Function):
                 if pspec.bn:
                     prod = (pout.y, pout.xform.scale, pout.xform.shift, pout.mean, pout.rstd,
                             pspec.act, pspec.slope)
-            base = 2 + _PER_BLOCK * i
+            base = _FIRST + _PER_BLOCK * i
             weight, gparam, bparam = ctx.params[i]
             dw_sink = grad_sink(weight, spec.transposed) if need[base] else None
             bn_sinks = None
@@ -90,7 +95,7 @@ class NetworkFunction(torch.autograd.Function):
                     bn_sinks = None
             dx, dw, dgamma, dbeta, prev_partials = block_backward(
                 g, x, pro, w, gamma, out, spec, need_dx=below[i], need_dw=need[base],
-                dw=dw_sink, bn_grads=bn_sinks, partials=partials, prod=prod)
+                dw=dw_sink, bn_grads=bn_sinks, partials=partials, prod=prod, groups=ctx.groups)
             if dw is not None and dw_sink is None:
                 grads[base] = torch_view(dw, spec.transposed).to(weight.dtype)
             if spec.bn and bn_sinks is None:
@@ -109,19 +114,47 @@ def _kernel_weights(specs, tensors, dtype):
                           [spec.transposed for spec in specs], dtype)
 
 
-def run_network(x, specs, tensors):
+# the smallest GEMM row tile (tl.dot's minimum): with batch groups, each row tile must lie in one
+# group, so a group's rows per phase must be whole tiles
+_MIN_ROW_TILE = 16
+
+
+def grouping_error(shape, convs, groups):
+    """None if a chain of convolutions `convs` ((transposed, stride, padding) each, kernel 4) on
+    an NCHW input of `shape` can run with `groups` batch groups, else the reason. Every GEMM
+    (forward and weight gradient, data gradient) must have a multiple of 16 rows per group and
+    phase, so that no row tile straddles two groups."""
+    nb, _, h, w = shape
+    if groups < 1 or nb % groups:
+        return f"a batch of {nb} does not split into {groups} equal groups"
+    per_group = nb // groups
+    for i, (transposed, stride, padding) in enumerate(convs):
+        oh = conv_out_size(transposed, stride, padding, h)
+        ow = conv_out_size(transposed, stride, padding, w)
+        for geom in (make_geom(transposed, stride, padding, h, w, oh, ow),
+                     make_geom(not transposed, stride, padding, oh, ow, h, w)):
+            rows = per_group * geom.mh * geom.mw
+            if rows % _MIN_ROW_TILE:
+                return (f"block {i}: {per_group} images per group give {rows} GEMM rows per "
+                        f"phase, not a multiple of {_MIN_ROW_TILE}")
+        h, w = oh, ow
+    return None
+
+
+def run_network(x, specs, tensors, groups=1):
     """Runs the chain; tensors = (weight, gamma, beta, running_mean, running_var,
-    num_batches_tracked) per block (None where absent)."""
+    num_batches_tracked) per block (None where absent). groups: x is that many equal groups of
+    images, each with its own BatchNorm statistics (kernels/bn.py)."""
     needs = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, *tensors))
     if needs:
-        return NetworkFunction.apply(x, tuple(specs), *tensors)
+        return NetworkFunction.apply(x, tuple(specs), groups, *tensors)
     with torch.no_grad():
         cur, pro = x.permute(0, 2, 3, 1).contiguous(), None
         wks = _kernel_weights(specs, tensors, cur.dtype)
         for i, spec in enumerate(specs):
             _, gamma, beta, rm, rv, nbt = tensors[_PER_BLOCK * i:_PER_BLOCK * (i + 1)]
             out = block_forward(cur, pro, wks[i], gamma, beta, rm, rv, spec, keep_y=False,
-                                materialize=i == len(specs) - 1, batches_tracked=nbt)
+                                materialize=i == len(specs) - 1, batches_tracked=nbt, groups=groups)
             cur, pro = (out.y, out.xform) if out.a is None else (out.a, None)
         return cur.permute(0, 3, 1, 2)
