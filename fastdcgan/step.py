@@ -15,12 +15,17 @@ The step runs in fastdcgan.kernels.weights.training_step(): with the triton back
 is cast (bf16) once per update instead of once per use, and the kernels accumulate the gradients
 straight into the optimizers' gradient buffers.
 
-On one CUDA device (no process group), G(z) runs on a side stream while D(real) runs on the
-current one: the two are independent and at batch 128 neither fills the GPU. The streams fork and
-join inside the step, so a captured graph holds both branches; G's backward then runs on the side
-stream too (autograd's stream semantics), and the G update waits for it. D's two passes stay on
-one stream: they update the same running statistics, in order. FASTDCGAN_OVERLAP_G=0 turns the
-side stream off.
+With the triton backend D scores the real and the fake batch in ONE fused pass over
+cat(real, fake) with per-batch BatchNorm statistics (Discriminator.logits(x, groups=2): the same
+result as two calls, running statistics updated real first): half of D's launches in the D
+update, twice the rows per GEMM. FASTDCGAN_JOINT_D=0 turns it off (for measuring it).
+
+Otherwise, on one CUDA device (no process group), G(z) runs on a side stream while D(real) runs
+on the current one: the two are independent and at batch 128 neither fills the GPU. The streams
+fork and join inside the step, so a captured graph holds both branches; G's backward then runs on
+the side stream too (autograd's stream semantics), and the G update waits for it. D's two passes
+stay on one stream: they update the same running statistics, in order. FASTDCGAN_OVERLAP_G=0
+turns the side stream off.
 """
 import os
 import contextlib
@@ -84,6 +89,16 @@ class GanStep:
         current.wait_stream(side)
         return fake, logits_real
 
+    def _d_real_and_fake(self, real, z):
+        """(G(z), D.logits(real), D.logits(G(z).detach())): one grouped D pass with the triton
+        backend (see the module docstring), else two."""
+        if self.D.uses_triton(real) and os.environ.get("FASTDCGAN_JOINT_D", "1") != "0":
+            fake = self.G(z)
+            both = self.D.logits(torch.cat([real.to(fake.dtype), fake.detach()]), groups=2)
+            return (fake, *both.chunk(2))
+        fake, logits_real = self._g_and_d_real(real, z)
+        return fake, logits_real, self.D.logits(fake.detach())
+
     def _update(self, opt, loss):
         opt.zero_grad()
         loss.backward()
@@ -100,15 +115,13 @@ class GanStep:
             return self._step(real, z)
 
     def _step(self, real, z):
-        D = self.D
         with self._autocast(real.device.type):
-            fake, logits_real = self._g_and_d_real(real, z)
-            logits_fake = D.logits(fake.detach())
+            fake, logits_real, logits_fake = self._d_real_and_fake(real, z)
         loss_d = bce_with_logits(logits_real.float(), 1.0) + bce_with_logits(logits_fake.float(), 0.0)
         self._update(self.optD, loss_d)
 
-        with _frozen(D), self._autocast(real.device.type):
-            logits_gen = D.logits(fake)
+        with _frozen(self.D), self._autocast(real.device.type):
+            logits_gen = self.D.logits(fake)
         loss_g = bce_with_logits(logits_gen.float(), 1.0)
         self._update(self.optG, loss_g)
         return {
