@@ -3,8 +3,8 @@ and report what each needs: shared memory (against the 227 KB a block may have),
 spills, and whether the main loop's loads became asynchronous copies (pipelined).
 
 GPU time is scarce; this runs on any machine. It traces the triton backend's launches on CPU
-tensors (G(z) then D on real and fake images, forward and backward, B=128/512, fp32 and bf16,
-with dy fed through the GEMM prologues and materialized)
+tensors (G(z), D on real and fake images in one grouped pass, D on the fakes, forward and
+backward, B=128/512, fp32 and bf16, with dy fed through the GEMM prologues and materialized)
 with the kernels' launch replaced by a recorder, so the GPU tile choices (kernels/tiles.json and
 the heuristics) are the ones traced, then compiles each distinct specialization for sm_90 with
 the installed Triton's ptxas. Triton versions differ between machines (the GPU machine's may be
@@ -96,7 +96,8 @@ def trace(batches, dtypes):
             z = torch.randn(batch, 100, 1, 1, dtype=dtype)
             real = torch.randn(batch, 3, 64, 64, dtype=dtype)
             fake = G(z)
-            D.logits(real).float().sum().backward()
+            # the training step's D update (real and fake in one grouped pass), then its G update
+            D.logits(torch.cat([real, fake.detach()]), groups=2).float().sum().backward()
             D.logits(fake).float().sum().backward()
             G.eval()
             with torch.no_grad():
@@ -130,8 +131,8 @@ def compile_one(fn, sig, consts, div16, num_warps, num_stages):
 
 
 def _short(consts):
-    keep = ("PRO", "STATS", "PHW", "T", "ALIGNED", "W_T", "DOT_PREC", "BLOCK_M", "BLOCK_N", "BLOCK_K",
-            "MODE", "TRAINING", "ACCUMULATE")
+    keep = ("PRO", "STATS", "GROUPED", "PHW", "T", "ALIGNED", "W_T", "DOT_PREC", "BLOCK_M",
+            "BLOCK_N", "BLOCK_K", "MODE", "TRAINING", "ACCUMULATE")
     return " ".join(f"{k}={v}" for k, v in consts.items() if k in keep)
 
 

@@ -2,7 +2,7 @@
 kernels/implicit_gemm.py reads (FASTDCGAN_TILES, or kernels/tiles.json).
 
 For each layer (G1-G3, D1-D3: every GEMM-heavy layer), dtype and batch (128, 512: the tuned
-points) it times the forward GEMM as the chained network runs it (producer's BN-apply +
+points; D's also at 256 and 1024, the rows of its grouped pass over real and fake) it times the forward GEMM as the chained network runs it (producer's BN-apply +
 activation in the prologue, BN statistics in the epilogue), the data gradient (BN + activation
 backward in the prologue, the producer's BN backward sums in the epilogue; without its own entry
 it takes the forward tile of the same geometry) and the split-K weight gradient over a few tile
@@ -55,6 +55,14 @@ DGRAD_CONFIGS = {
              (128, 128, 16, 8, 3)],
 }
 BATCHES = (128, 512)
+
+
+def _batches(layer, batches):
+    """The batch sizes a layer's GEMMs run at: D's also at twice each, since the training step
+    scores real and fake images in one grouped pass (Discriminator.logits(x, groups=2))."""
+    if layer[0].startswith("D"):
+        return sorted({b * k for b in batches for k in (1, 2)})
+    return list(batches)
 
 
 def _case(layer, batch, dtype):
@@ -150,19 +158,23 @@ def main():
     p.add_argument("--layers", default="G1,G2,G3,D1,D2,D3")
     p.add_argument("--dtypes", default="bf16,fp32")
     p.add_argument("--compile-only", action="store_true", help="run each config once (fills the cache)")
-    p.add_argument("--write", default=None, help="write the winning tiles (JSON) here")
+    p.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    p.add_argument("--write", default=None,
+                   help="write the tile table here: the winning tiles, and the current table's "
+                        "entries for what this run did not sweep")
     args = p.parse_args()
     layers = [l for l in LAYERS if l[0].split()[0] in args.layers.split(",")]
-    best, prologue_rows = {}, []
+    best, prologue_rows, swept = {}, [], set()
     if not args.compile_only:
         print("| layer | kernel | heuristic ms | best ms | best config | speedup | cuBLAS same GEMM ms "
               "| cuDNN conv fwd ms |")
         print("|---|---|---|---|---|---|---|---|")
     for dname in args.dtypes.split(","):
         for layer in layers:
-            for batch in BATCHES:
+            for batch in _batches(layer, [int(b) for b in args.batches.split(",")]):
                 results, cudnn_ms, keys, dense_ms, prologue_ms = sweep(layer, batch, dname,
                                                                        args.compile_only)
+                swept.update(keys.values())
                 if args.compile_only:
                     continue
                 prologue_rows.append(f"| {layer[0]} B={batch} {dname} | " + " | ".join(
@@ -185,9 +197,10 @@ def main():
         print("|---|---|---|---|---|")
         print("\n".join(prologue_rows))
     if args.write:
+        kept = {k: v for k, v in ig.tile_table().items() if k not in swept}
         with open(args.write, "w") as f:
-            json.dump(best, f, indent=1, sort_keys=True)
-        print(f"wrote {len(best)} tuned tiles to {args.write}")
+            json.dump({**kept, **best}, f, indent=1, sort_keys=True)
+        print(f"wrote {len(best)} tuned tiles and kept {len(kept)} unswept entries in {args.write}")
 
 
 if __name__ == "__main__":
