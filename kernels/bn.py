@@ -56,6 +56,14 @@ def set_partials_sync(sync):
 
 
 @triton.jit
+def _partial_rows_of_group(t0, g, T, TG, G, BLOCK_T: tl.constexpr):
+    # Partial rows t0 .. t0 + BLOCK_T of batch group g (and their mask) among T rows ordered
+    # [process][group][TG rows]: group g's u-th row is (u // TG)*G*TG + g*TG + u % TG, u < T / G.
+    u = t0 + tl.arange(0, BLOCK_T)
+    return (u // TG) * (G * TG) + g * TG + u % TG, u < T // G
+
+
+@triton.jit
 def bn_finalize_kernel(mean_t_ptr, m2_t_ptr, cnt_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr,
                        mean_ptr, rstd_ptr, scale_ptr, shift_ptr, batches_ptr, T, TG, G, C, momentum,
                        eps, TRAINING: tl.constexpr, UPDATE: tl.constexpr, COUNT_BATCH: tl.constexpr,
@@ -64,8 +72,7 @@ def bn_finalize_kernel(mean_t_ptr, m2_t_ptr, cnt_ptr, gamma_ptr, beta_ptr, rm_pt
     # group's tile partials twice: the batch mean from sum(cnt*mean_t), then
     # M2 = sum(M2_t + cnt*(mean_t - mean)^2) (Chan), in a fixed order; the running stats take
     # the groups' statistics one after the other, as G separate BatchNorm calls would. Partial
-    # rows are ordered [process][group][TG rows] (sync BN concatenates the processes' rows), so
-    # group g's u-th row is (u // TG)*G*TG + g*TG + u % TG, u < T / G.
+    # rows are ordered [process][group][TG rows] (sync BN concatenates the processes' rows).
     # Vectors out: [G, C]. COUNT_BATCH: program 0 also adds G to num_batches_tracked.
     if COUNT_BATCH:
         if tl.program_id(0) == 0:
@@ -81,20 +88,18 @@ def bn_finalize_kernel(mean_t_ptr, m2_t_ptr, cnt_ptr, gamma_ptr, beta_ptr, rm_pt
             n = tl.zeros([BLOCK_C], tl.float32)
             s = tl.zeros([BLOCK_C], tl.float32)
             for t0 in range(0, T // G, BLOCK_T):
-                u = t0 + tl.arange(0, BLOCK_T)
-                rt = (u // TG) * (G * TG) + g * TG + u % TG
-                m = (u < T // G)[:, None] & c_ok[None, :]
-                cnt = tl.load(cnt_ptr + rt, mask=u < T // G, other=0.0)
+                rt, t_ok = _partial_rows_of_group(t0, g, T, TG, G, BLOCK_T)
+                m = t_ok[:, None] & c_ok[None, :]
+                cnt = tl.load(cnt_ptr + rt, mask=t_ok, other=0.0)
                 mu = tl.load(mean_t_ptr + rt[:, None] * C + rc[None, :], mask=m, other=0.0)
                 n += tl.sum(cnt, 0)
                 s += tl.sum(cnt[:, None] * mu, 0)
             mean = s / n
             m2 = tl.zeros([BLOCK_C], tl.float32)
             for t0 in range(0, T // G, BLOCK_T):
-                u = t0 + tl.arange(0, BLOCK_T)
-                rt = (u // TG) * (G * TG) + g * TG + u % TG
-                m = (u < T // G)[:, None] & c_ok[None, :]
-                cnt = tl.load(cnt_ptr + rt, mask=u < T // G, other=0.0)
+                rt, t_ok = _partial_rows_of_group(t0, g, T, TG, G, BLOCK_T)
+                m = t_ok[:, None] & c_ok[None, :]
+                cnt = tl.load(cnt_ptr + rt, mask=t_ok, other=0.0)
                 mu = tl.load(mean_t_ptr + rt[:, None] * C + rc[None, :], mask=m, other=0.0)
                 q = tl.load(m2_t_ptr + rt[:, None] * C + rc[None, :], mask=m, other=0.0)
                 d = mu - mean[None, :]
@@ -200,9 +205,8 @@ def bn_bwd_finalize_kernel(s0_ptr, s1_ptr, T, TG, G, C, count, grad_scale, gamma
         dbeta = tl.zeros([BLOCK_C], tl.float32)
         dgamma = tl.zeros([BLOCK_C], tl.float32)
         for t0 in range(0, T // G, BLOCK_T):
-            u = t0 + tl.arange(0, BLOCK_T)
-            rt = (u // TG) * (G * TG) + g * TG + u % TG
-            m = (u < T // G)[:, None] & c_ok[None, :]
+            rt, t_ok = _partial_rows_of_group(t0, g, T, TG, G, BLOCK_T)
+            m = t_ok[:, None] & c_ok[None, :]
             dbeta += tl.sum(tl.load(s0_ptr + rt[:, None] * C + rc[None, :], mask=m, other=0.0), 0)
             dgamma += tl.sum(tl.load(s1_ptr + rt[:, None] * C + rc[None, :], mask=m, other=0.0), 0)
         rstd = tl.load(rstd_ptr + g * C + rc, mask=c_ok, other=0.0)
