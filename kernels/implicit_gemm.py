@@ -478,24 +478,36 @@ def _fit_registers(bm, bn, warps, limit):
 
 # The measured tile table: {tile_key: [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages]} for
 # "gemm" (forward) and "dgrad" (data gradient) keys and [BLOCK_K, BLOCK_N, BLOCK_M, num_warps,
-# num_stages] for "wgrad" keys, written by
-# benches/tune_gemm.py on a GPU. Read from $FASTDCGAN_TILES, else tiles.json next to this file
-# (measured on an H100; on another GPU its tiles are still correct, only maybe not the fastest:
-# re-run the sweep there); ignored under the interpreter. Keys carry the batch only as the power-of-two
-# bucket of the GEMM's rows, so the tuned batch sizes (128, 512) get their own tiles and other
-# batch sizes fall back to the heuristics.
+# num_stages] for "wgrad" keys, written by benches/tune_gemm.py on a GPU. Read from
+# $FASTDCGAN_TILES, else tiles.json next to this file (measured on an H100; on another GPU its
+# tiles are still correct, only maybe not the fastest: re-run the sweep there); ignored under the
+# interpreter. Keys carry the batch only as the power-of-two bucket of the GEMM's rows, so the
+# tuned batch sizes (128, 512) get their own tiles. A batch between two tuned ones (D's grouped
+# pass over real and fake at batch 128 has the rows of a 256 batch) takes their tile where the
+# two agree; other batch sizes fall back to the heuristics.
 _TILE_TABLE = None
+_BUCKETS = None   # tile_key with the rows bucket blanked -> {rows bucket: tile}
 
 
 def tile_table():
-    global _TILE_TABLE
+    global _TILE_TABLE, _BUCKETS
     if _TILE_TABLE is None:
-        _TILE_TABLE = {}
+        _TILE_TABLE, _BUCKETS = {}, {}
         path = os.environ.get("FASTDCGAN_TILES") or os.path.join(os.path.dirname(__file__), "tiles.json")
         if not INTERPRET and os.path.exists(path):
             with open(path) as f:
                 _TILE_TABLE = json.load(f)
+        for key, tile in _TILE_TABLE.items():
+            shape, rows = _split_rows(key)
+            _BUCKETS.setdefault(shape, {})[rows] = tile
     return _TILE_TABLE
+
+
+def _split_rows(key):
+    """A tile key without its rows bucket, and the bucket."""
+    head, _, tail = key.partition(" rows")
+    bucket, _, dtype = tail.partition(" ")
+    return f"{head} {dtype}", int(bucket)
 
 
 def tile_key(kind, geom, cin, cout, m_rows, dtype):
@@ -505,8 +517,19 @@ def tile_key(kind, geom, cin, cout, m_rows, dtype):
 
 
 def _tuned_tile(kind, geom, cin, cout, m_rows, dtype):
-    """The tile table's entry for this GEMM, or None."""
-    return tile_table().get(tile_key(kind, geom, cin, cout, m_rows, dtype))
+    """The tile table's entry for this GEMM, or the one of the tuned buckets on both sides of its
+    rows when they agree, or None."""
+    key = tile_key(kind, geom, cin, cout, m_rows, dtype)
+    tile = tile_table().get(key)
+    if tile is not None:
+        return tile
+    shape, rows = _split_rows(key)
+    buckets = _BUCKETS.get(shape, {})
+    below = max((r for r in buckets if r < rows), default=None)
+    above = min((r for r in buckets if r > rows), default=None)
+    if below is not None and above is not None and buckets[below] == buckets[above]:
+        return buckets[below]
+    return None
 
 
 _TUNED = {}
