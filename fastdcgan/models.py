@@ -114,6 +114,8 @@ class _DCGANBase(nn.Module):
     def _run(self, x, modules, groups=1):
         """Runs `modules` (a prefix of main) either eagerly or as fused blocks; with `groups`,
         on that many equal batches of x in turn (one fused pass where it can)."""
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"groups must be a positive int, got {groups!r}")
         if groups > 1:
             if x.shape[0] % groups:
                 raise ValueError(f"a batch of {x.shape[0]} does not split into {groups} equal groups")

@@ -158,8 +158,12 @@ def test_sync_bn_finalize_reads_the_rows_of_every_process_group_by_group(monkeyp
 
 
 def test_grouped_logits_need_equal_batches():
+    d = Discriminator(ndf=4, backend="reference")
     with pytest.raises(ValueError, match="does not split into 2 equal groups"):
-        Discriminator(ndf=4, backend="reference").logits(torch.randn(3, 3, 64, 64), groups=2)
+        d.logits(torch.randn(3, 3, 64, 64), groups=2)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="groups must be a positive int"):
+            d.logits(torch.randn(4, 3, 64, 64), groups=bad)
 
 
 @interpreter_only
