@@ -8,10 +8,12 @@
 #   2. step table vs peers at B=128 and 512 (steps.md): D on real and fake in one grouped pass
 #   3. the same at B=128 with FASTDCGAN_JOINT_D=0 (two D passes, G beside D(real))
 #   4. the same with FASTDCGAN_MATERIALIZE_DY=1 (dy written once per block)
-#   5. kernel-time profile of the captured step, bf16 and fp32 at B=128 (profile.md)
+#   5. kernel-time profile of the captured step, bf16 and fp32 at B=128, and Nsight Compute's
+#      speed of light of two forward GEMMs (benches/gemm_sol.py) (profile.md)
 #   6. bf16 GEMM tile sweep (tune.md; $OUT/tiles.json keeps fp32's tiles of kernels/tiles.json;
 #      D's layers also at the grouped pass's doubled batch), then the step table with it
-#   7. adam_step argument checks under gdb (crashed on this machine before), G inference, optimizer
+#   7. adam_step argument checks under (cuda-)gdb (crashed on this machine before), G inference,
+#      optimizer
 # The Triton cache starts empty on a fresh machine: the step tables' and the sweep's kernels
 # compile in the background while the tests run (they share the on-disk cache), and are stopped
 # before the timed runs if not done by then (WARM_UNTIL s left). Logs go to $OUT (default
@@ -112,6 +114,19 @@ for prec in bf16 fp32; do
     | tee -a "$OUT/profile.md" | tail -17
 done
 
+step "Nsight Compute: what bounds two bf16 forward GEMMs (G3 at B=512, D2 at B=128)"
+if command -v ncu >/dev/null; then
+  for case in "G3 512" "D2 128"; do
+    set -- $case
+    run 40 60 ncu --clock-control none -k regex:conv_gemm_kernel --launch-skip 2 --launch-count 1 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+      $py benches/gemm_sol.py --layer $1 --batch $2 2>&1 | grep -v "^==PROF==" | tee -a "$OUT/profile.md" \
+      | grep -E "gemm_sol|Duration|Throughput|Hit Rate|Occupancy|Registers Per|Block Limit|Error" | head -24
+  done
+else
+  echo "no ncu on this machine"
+fi
+
 if [ -z "${SKIP_TUNE:-}" ]; then
   step "bf16 GEMM tile sweep (timed), then our step with the tuned tiles"
   if run 100 $(( $(left) - 60 )) $py benches/tune_gemm.py --dtypes bf16 --write "$OUT/tiles.json" \
@@ -126,8 +141,9 @@ if [ -z "${SKIP_TUNE:-}" ]; then
 fi
 
 step "adam_step argument checks (segfaulted here before): C stack of a crash"
-if command -v gdb >/dev/null; then
-  run 20 40 gdb -q -batch -ex run -ex bt --args $py -X faulthandler -m pytest -q -p no:cacheprovider \
+debugger=$(command -v gdb || command -v cuda-gdb)   # the device machines have cuda-gdb only
+if [ -n "$debugger" ]; then
+  run 20 40 $debugger -q -batch -ex run -ex bt --args $py -X faulthandler -m pytest -q -p no:cacheprovider \
     -p no:xdist tests/test_optim.py -k op_checks_arguments 2>&1 | grep -vE "^\[(New|Thread)" | tail -25
 else
   run 20 40 $py -X faulthandler -m pytest -q -p no:cacheprovider -p no:xdist tests/test_optim.py \
