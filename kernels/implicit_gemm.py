@@ -218,8 +218,10 @@ def conv_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One program: a [BLOCK_M output pixels, BLOCK_N output channels] tile of one phase, K looped
-    # in BLOCK_K steps. Programs along axis 0 (the fastest) share the same rows, so the im2col rows
-    # are read from DRAM once and the weight (small) stays in L2.
+    # in BLOCK_K steps. Grid (column tiles, phases, row tiles), scheduled axis 0 fastest: the
+    # programs running together take the column tiles and the phases of the same rows (a
+    # transposed conv's phases read the same input window), so the im2col rows come from DRAM
+    # about once and the weight (small) stays in L2.
     # Epilogue: STORE_Y raw accumulator; STORE_A act(acc*es + eb); STATS 1: per-tile (count, mean,
     # M2) of acc for BN (row phase*num_m_tiles + pid_m of the partials); STATS 2: per-tile sums of
     # dz = acc*act'(z) and dz*xhat of the producer layer whose saved output ey sits at the same
@@ -229,16 +231,16 @@ def conv_gemm_kernel(
     # [group, C] rows of the prologue's and epilogue's BN vectors, and the partial rows are
     # ordered (group, phase, tile) so that bn_finalize reads each group's rows together.
     pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    phase = tl.program_id(2)
+    phase = tl.program_id(1)
+    pid_m = tl.program_id(2)
     ph = phase // PHW
     pw = phase % PHW
     if GROUPED:
         group = pid_m // GROUP_TILES
-        srow = (group * tl.num_programs(2) + phase) * GROUP_TILES + pid_m % GROUP_TILES
+        srow = (group * tl.num_programs(1) + phase) * GROUP_TILES + pid_m % GROUP_TILES
     else:
         group = 0
-        srow = phase * tl.num_programs(1) + pid_m
+        srow = phase * tl.num_programs(2) + pid_m
     pro_g = group * CIN
     epi_g = group * COUT
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -712,7 +714,7 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
                   W_T=w_t, DOT_PREC=_dot_prec(dtype, geom.t * geom.t * cin), BLOCK_M=bm,
                   BLOCK_K=bk)
     tiles = [({"BLOCK_N": bn}, w, s) for bn, w, s in cands]
-    grid = lambda meta: (cdiv(cout, meta["BLOCK_N"]), n_mt, geom.phases)  # noqa: E731
+    grid = lambda meta: (cdiv(cout, meta["BLOCK_N"]), geom.phases, n_mt)  # noqa: E731
     launch(conv_gemm_kernel, grid, args, consts, tiles,
            key=["M", "CIN", "COUT", "PRO", "STATS", "PHW", "T"])
     return y, a, partials
