@@ -121,9 +121,9 @@ _MIN_ROW_TILE = 16
 
 def grouping_error(shape, convs, groups):
     """None if a chain of convolutions `convs` ((transposed, stride, padding) each, kernel 4) on
-    an NCHW input of `shape` can run with `groups` batch groups, else the reason. Every GEMM
-    (forward and weight gradient, data gradient) must have a multiple of 16 rows per group and
-    phase, so that no row tile straddles two groups."""
+    an NCHW input of `shape` can run with `groups` batch groups, else the reason. The forward
+    and data-gradient GEMMs must have a multiple of 16 rows per group and phase, so that no row
+    tile straddles two groups (the weight gradient slices its rows per group)."""
     nb, _, h, w = shape
     if groups < 1 or nb % groups:
         return f"a batch of {nb} does not split into {groups} equal groups"
