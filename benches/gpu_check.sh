@@ -109,9 +109,10 @@ FASTDCGAN_MATERIALIZE_DY=1 run 40 70 $py benches/step_table.py --batches 128,512
   --peers none 2>&1 | tee -a "$OUT/steps.md" | tail -6
 
 step "profile of the captured step"
-for prec in bf16 fp32; do
-  run 25 50 $py benches/profile_step.py --batch 128 --precision $prec --top 14 2>&1 \
-    | tee -a "$OUT/profile.md" | tail -17
+for prec in bf16 fp32; do   # the per-launch sequence goes to profile.md only
+  run 25 50 $py benches/profile_step.py --batch 128 --precision $prec --top 14 --sequence \
+    >>"$OUT/profile.md" 2>&1
+  grep -A16 "^### B=128 $prec" "$OUT/profile.md" || tail -5 "$OUT/profile.md"
 done
 
 step "Nsight Compute: what bounds two bf16 forward GEMMs (G3 at B=512, D2 at B=128)"

@@ -2,8 +2,16 @@
 graph replays, kernels grouped by name, the top ones printed as a markdown table.
 
     python benches/profile_step.py [--batch 128] [--precision bf16] [--replays 10] [--top 25]
+                                   [--sequence]
+
+--sequence also lists every kernel of one replay in launch order with its grid, block,
+registers and shared memory (from the profiler's trace), so each GEMM's time can be told apart
+(the grid says which layer: (column tiles, phases, row tiles) for conv_gemm_kernel).
 """
 import argparse
+import json
+import os
+import tempfile
 from collections import defaultdict
 
 import torch
@@ -18,6 +26,7 @@ def main():
     p.add_argument("--precision", default="bf16")
     p.add_argument("--replays", type=int, default=10)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--sequence", action="store_true", help="every kernel of one replay, in order")
     args = p.parse_args()
     step = ours_step(args.batch, args.precision)
     for _ in range(6):
@@ -40,6 +49,28 @@ def main():
     for name, us in sorted(total.items(), key=lambda kv: -kv[1])[:args.top]:
         print(f"| {name[:90]} | {count[name] / args.replays:.0f} | {us / args.replays:.1f} | "
               f"{us / args.replays / step_us:.1%} |")
+    if args.sequence:
+        print_sequence(step)
+
+
+def print_sequence(step):
+    """One replay's kernels in launch order, from the profiler's Chrome trace."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f).get("traceEvents", [])
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    print("\n| # | kernel | grid | block | regs | shared B | us |")
+    print("|---|---|---|---|---|---|---|")
+    for i, e in enumerate(kernels):
+        a = e.get("args", {})
+        print(f"| {i} | {e['name'][:48]} | {a.get('grid', '')} | {a.get('block', '')} | "
+              f"{a.get('registers per thread', '')} | {a.get('shared memory', '')} | "
+              f"{e.get('dur', 0):.1f} |")
 
 
 if __name__ == "__main__":
