@@ -171,6 +171,10 @@ def test_fused_network_refuses_groups_whose_rows_straddle_tiles():
     chain = _conv_chain(4)
     with pytest.raises(ValueError, match="16"):
         ops.fused_network(torch.randn(8, 3, 16, 16), _blocks(chain), groups=2)
+    with pytest.raises(ValueError, match="does not split into 3 equal groups"):
+        ops.fused_network(torch.randn(32, 3, 16, 16), _blocks(chain), groups=3)
+    with pytest.raises(ValueError, match="groups must be a positive int"):
+        ops.fused_network(torch.randn(32, 3, 16, 16), _blocks(chain), groups=0)
 
 
 @interpreter_only
