@@ -81,22 +81,32 @@ def test_gan_step_matches_the_pytorch_examples_loop(optimizer, steps):
 
 
 @interpreter_only
-def test_triton_step_matches_the_reference_backend():
-    """GanStep with the triton backend (interpreter: weights read in place in kernel layout, D's
-    real and fake gradients accumulated by the kernels into FusedAdam's buffers, BN counters
-    bumped by the finalize kernel) against the reference backend from the same weights and
-    batches, over two steps: losses, every gradient, the updated parameters and BN buffers."""
+def test_triton_step_matches_the_reference_backend(monkeypatch):
+    """GanStep with the triton backend (interpreter: weights read in place in kernel layout, D
+    scoring real and fake in one grouped pass, D's gradients accumulated by the kernels into
+    FusedAdam's buffers, BN counters bumped by the finalize kernel) against the reference backend
+    from the same weights and batches, over two steps: losses, every gradient, the updated
+    parameters and BN buffers. Batch 16: the smallest whose D pass groups (16 images a group)."""
+    from fastdcgan.kernels import network
+
+    groups_run, run_network = [], network.run_network
+
+    def recording(x, specs, tensors, groups=1):
+        groups_run.append(groups)
+        return run_network(x, specs, tensors, groups)
+
+    monkeypatch.setattr(network, "run_network", recording)
     G, D = _models(2, 2, "triton", "cpu")
     Gr, Dr = _models(2, 2, "reference", "cpu")
     Gr.load_state_dict(G.state_dict())
     Dr.load_state_dict(D.state_dict())
     ours = GanStep(G, D, FusedAdam(G.parameters()), FusedAdam(D.parameters()))
     ref = GanStep(Gr, Dr, FusedAdam(Gr.parameters()), FusedAdam(Dr.parameters()))
-    batches = _batches(4, "cpu", n=16)
+    batches = _batches(16, "cpu", n=64)
     gen = torch.Generator().manual_seed(1)
     for _ in range(2):
         real = batches.next_batch()
-        z = torch.randn(4, NZ, 1, 1, generator=gen)
+        z = torch.randn(16, NZ, 1, 1, generator=gen)
         stats, stats_ref = ours(real, z), ref(real, z)
         for k in stats:
             assert rel_err(stats[k], stats_ref[k]) < 1e-5, k
@@ -108,6 +118,7 @@ def test_triton_step_matches_the_reference_backend():
             for (name, a), (_, b) in zip(m.named_buffers(), mr.named_buffers()):
                 assert (rel_err(a, b) < 1e-5) if a.is_floating_point() else torch.equal(a, b), name
     assert int(G.main[1].num_batches_tracked) == 2 and int(D.main[3].num_batches_tracked) == 6
+    assert groups_run == [1, 2, 1] * 2   # per step: G(z), D(real, fake) grouped, D(G(z))
 
 
 def test_frozen_restores_requires_grad_after_an_error():
