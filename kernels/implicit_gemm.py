@@ -710,8 +710,8 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
             group_tiles or n_mt, float(p_slope), float(e_slope))
     consts = dict(PRO=mode, PRO_AFFINE=p_aff, PRO_ACT=p_act, STORE_Y=store_y, STORE_A=store_a,
                   EPI_AFFINE=e_aff, EPI_ACT=e_act, STATS=stats, GROUPED=grouped, PHW=geom.phw,
-                  T=geom.t, IS=geom.in_s, OS=geom.out_s, PIN=geom.pin, TSTEP=geom.tstep, ALIGNED=aligned,
-                  W_T=w_t, DOT_PREC=_dot_prec(dtype, geom.t * geom.t * cin), BLOCK_M=bm,
+                  T=geom.t, IS=geom.in_s, OS=geom.out_s, PIN=geom.pin, TSTEP=geom.tstep,
+                  ALIGNED=aligned, W_T=w_t, DOT_PREC=_dot_prec(dtype, geom.t * geom.t * cin), BLOCK_M=bm,
                   BLOCK_K=bk)
     tiles = [({"BLOCK_N": bn}, w, s) for bn, w, s in cands]
     grid = lambda meta: (cdiv(cout, meta["BLOCK_N"]), geom.phases, n_mt)  # noqa: E731
@@ -743,7 +743,8 @@ def conv_wgrad(x, pro, bwd, geom, dw=None, groups=1):
         bk, aligned, bn, cands = wgrad_tiles(m * geom.phases, cin, cout, dtype)
     if not INTERPRET:
         cands = [(bm, max(w, min(8, bk * bn // (32 * ACC_REGS["wgrad"]))), s) for bm, w, s in cands]
-    grouped = groups > 1 and (_affine(pro) or _affine(bwd))
+    p_aff, q_aff = _affine(pro), _affine(bwd)
+    grouped = groups > 1 and (p_aff or q_aff)
     if not grouped:
         groups = 1
     group_rows = (nb // groups) * geom.mh * geom.mw
@@ -758,17 +759,16 @@ def conv_wgrad(x, pro, bwd, geom, dw=None, groups=1):
     split = group_split * groups
     if dw is None:
         dw = torch.zeros(4, 4, cin, cout, device=dev, dtype=torch.float32)
-    p_aff = pro is not None and pro.scale is not None
     pvec = (pro.scale, pro.shift) if p_aff else (dw, dw)
-    q_aff = bwd.scale is not None
     qvec = (bwd.scale, bwd.shift, bwd.ca, bwd.cb, bwd.cc) if q_aff else (dw,) * 5
     args = (x, bwd.g, bwd.y, dw, *pvec, *qvec, m, cin, cout, ih, iw, geom.oh, geom.ow, geom.mh,
             geom.mw, geom.ioff, split, m_split, group_rows, group_split,
             float(pro.slope if pro else 0.0), float(bwd.slope))
     consts = dict(PRO=1 if pro is not None else 0, PRO_AFFINE=p_aff, PRO_ACT=pro.act if pro else 0,
                   OUT_MODE=out_mode, OUT_AFFINE=q_aff, OUT_ACT=bwd.act, GROUPED=grouped,
-                  PHW=geom.phw, T=geom.t, IS=geom.in_s, OS=geom.out_s, PIN=geom.pin, TSTEP=geom.tstep, ALIGNED=aligned,
-                  DOT_PREC=_dot_prec(dtype), BLOCK_N=bn, BLOCK_K=bk)
+                  PHW=geom.phw, T=geom.t, IS=geom.in_s, OS=geom.out_s, PIN=geom.pin,
+                  TSTEP=geom.tstep, ALIGNED=aligned, DOT_PREC=_dot_prec(dtype), BLOCK_N=bn,
+                  BLOCK_K=bk)
     tiles = [({"BLOCK_M": bm}, w, s) for bm, w, s in cands]
     grid = (cdiv(ktot, bk), cdiv(cout, bn), geom.phases * split)
     launch(conv_wgrad_kernel, lambda meta: grid, args, consts, tiles,
