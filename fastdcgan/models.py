@@ -135,9 +135,9 @@ class _DCGANBase(nn.Module):
         blocks = fused_blocks(modules)
         return (self.uses_triton(x)
                 and all(bn is None or bn.momentum is not None for _, bn, _ in blocks)
-                and grouping_error(tuple(x.shape), [(isinstance(conv, nn.ConvTranspose2d),
-                                                     conv.stride[0], conv.padding[0])
-                                                    for conv, _, _ in blocks], groups) is None)
+                and grouping_error(tuple(x.shape), tuple((isinstance(conv, nn.ConvTranspose2d),
+                                                          conv.stride[0], conv.padding[0])
+                                                         for conv, _, _ in blocks), groups) is None)
 
 
 def _fused_block_args(conv, bn, act_slope):

@@ -215,8 +215,8 @@ def fused_network(x, blocks, groups=1):
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"fused_network: groups must be a positive int, got {groups!r}")
     if groups > 1:
-        err = grouping_error(tuple(x.shape), [(s.transposed, s.stride, s.padding) for s in specs],
-                             groups)
+        convs = tuple((s.transposed, s.stride, s.padding) for s in specs)
+        err = grouping_error(tuple(x.shape), convs, groups)
         if err:
             raise ValueError(f"fused_network: cannot run {groups} batch groups in one pass: {err}")
     return run_network(x, specs, tensors, groups)

@@ -17,6 +17,8 @@ groups > 1: the input is that many equal batches, each with its own BatchNorm st
 the chain ran on each in turn), in one pass: the training step's D scores real and fake images
 so, with half the launches and twice the rows per GEMM.
 """
+import functools
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -119,11 +121,13 @@ def _kernel_weights(specs, tensors, dtype):
 _MIN_ROW_TILE = 16
 
 
+@functools.lru_cache(maxsize=64)
 def grouping_error(shape, convs, groups):
-    """None if a chain of convolutions `convs` ((transposed, stride, padding) each, kernel 4) on
-    an NCHW input of `shape` can run with `groups` batch groups, else the reason. The forward
+    """None if a chain of convolutions `convs` (a tuple of (transposed, stride, padding), kernel
+    4) on an NCHW input of `shape` can run with `groups` batch groups, else the reason. The forward
     and data-gradient GEMMs must have a multiple of 16 rows per group and phase, so that no row
-    tile straddles two groups (the weight gradient slices its rows per group)."""
+    tile straddles two groups (the weight gradient slices its rows per group). Cached: the model
+    asks before each grouped call, and fused_network checks again."""
     nb, _, h, w = shape
     if groups < 1 or nb % groups:
         return f"a batch of {nb} does not split into {groups} equal groups"
