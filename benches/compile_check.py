@@ -4,7 +4,8 @@ spills, and whether the main loop's loads became asynchronous copies (pipelined)
 
 GPU time is scarce; this runs on any machine. It traces the triton backend's launches on CPU
 tensors (G(z), D on real and fake images in one grouped pass, D on the fakes, forward and
-backward, B=128/512, fp32 and bf16, with dy fed through the GEMM prologues and materialized)
+backward, B=128/512, fp32 and bf16, with activations and dy fed through the GEMM prologues and
+materialized)
 with the kernels' launch replaced by a recorder, so the GPU tile choices (kernels/tiles.json and
 the heuristics) are the ones traced, then compiles each distinct specialization for sm_90 with
 the installed Triton's ptxas. Triton versions differ between machines (the GPU machine's may be
@@ -88,8 +89,11 @@ def trace(batches, dtypes):
     original = JITFunction.run
     JITFunction.run = lambda self, *a, **k: rec.run(self, *a, **k)
     try:
-        for dtype, batch, materialize in itertools.product(dtypes, batches, ("0", "1")):
-            os.environ["FASTDCGAN_MATERIALIZE_DY"] = materialize   # both ways of feeding dy
+        # every way of feeding the GEMMs: activations and dy through the consumers' prologues or
+        # materialized (FASTDCGAN_MATERIALIZE_ACT / _DY)
+        for dtype, batch, act, dy in itertools.product(dtypes, batches, "01", "01"):
+            os.environ["FASTDCGAN_MATERIALIZE_ACT"] = act
+            os.environ["FASTDCGAN_MATERIALIZE_DY"] = dy
             torch.manual_seed(0)
             G = Generator(backend="triton").to(dtype)
             D = Discriminator(backend="triton").to(dtype)
@@ -104,6 +108,7 @@ def trace(batches, dtypes):
                 G(z)
     finally:
         JITFunction.run = original
+        os.environ.pop("FASTDCGAN_MATERIALIZE_ACT", None)
         os.environ.pop("FASTDCGAN_MATERIALIZE_DY", None)
     return rec.launches
 
@@ -147,7 +152,8 @@ def main():
     print(f"{len(launches)} distinct kernel specializations traced; compiling for sm_90")
     errors = spilling = 0
     for fn, sig, consts, div16, warps, stages in launches.values():
-        tag = f"{fn.fn.__name__} w{warps} s{stages} {_short(consts)}"
+        dtype = next(iter(sig.values())).lstrip("*")   # the first (operand) pointer's
+        tag = f"{fn.fn.__name__} {dtype} w{warps} s{stages} {_short(consts)}"
         try:
             r = compile_one(fn, sig, consts, div16, warps, stages)
         except Exception as e:  # a compile error is what this tool is for

@@ -7,7 +7,8 @@
 #   1. GPU tests: kernels (tests_kernels.log), training step, sampler, optimizer (tests_step.log)
 #   2. step table vs peers at B=128 and 512 (steps.md): D on real and fake in one grouped pass
 #   3. the same at B=128 with FASTDCGAN_JOINT_D=0 (two D passes, G beside D(real))
-#   4. the same with FASTDCGAN_MATERIALIZE_DY=1 (dy written once per block)
+#   4. the same with dy, the activations or both written once per block instead of being
+#      transformed in the consuming GEMMs' prologues (FASTDCGAN_MATERIALIZE_DY / _ACT)
 #   5. kernel-time profile of the captured step, bf16 and fp32 at B=128, and Nsight Compute's
 #      speed of light of two forward GEMMs (benches/gemm_sol.py) (profile.md)
 #   6. bf16 GEMM tile sweep (tune.md; $OUT/tiles.json keeps fp32's tiles of kernels/tiles.json;
@@ -56,10 +57,12 @@ build_pid=$!
 warm_logs=$(mktemp -d)
 warm() {   # one short step table per configuration the timed runs use: compiles their kernels
   while kill -0 $build_pid 2>/dev/null; do sleep 1; done   # (the build is not this subshell's child)
-  for cfg in "128" "512" "128 FASTDCGAN_JOINT_D=0" "128,512 FASTDCGAN_MATERIALIZE_DY=1"; do
+  # "BATCHES ENV [ARGS]": the batch sizes, an environment assignment, more step_table arguments
+  for cfg in "128 _=" "512 _=" "128 FASTDCGAN_JOINT_D=0" "128,512 _= --feeds dy,act,both"; do
     set -- $cfg
-    env ${2:-_=} timeout 300 $py benches/step_table.py --batches $1 --steps 1 --peers none \
-      >"$warm_logs/$1_${2:-default}.log" 2>&1 &
+    local batches=$1 assign=$2; shift 2
+    env $assign timeout 300 $py benches/step_table.py --batches $batches --steps 1 --peers none "$@" \
+      >"$warm_logs/${batches}_${assign}_$#.log" 2>&1 &
     echo $! >>"$warm_logs/pids"
   done
   if [ -z "${SKIP_TUNE:-}" ]; then
@@ -103,10 +106,10 @@ echo "D in two passes, G beside D(real) (FASTDCGAN_JOINT_D=0):" >>"$OUT/steps.md
 FASTDCGAN_JOINT_D=0 run 30 60 $py benches/step_table.py --batches 128 --steps 20 --peers none \
   2>&1 | tee -a "$OUT/steps.md" | tail -4
 
-step "dy materialized once per block (FASTDCGAN_MATERIALIZE_DY=1)"
-echo "dy materialized once per block (FASTDCGAN_MATERIALIZE_DY=1):" >>"$OUT/steps.md"
-FASTDCGAN_MATERIALIZE_DY=1 run 40 70 $py benches/step_table.py --batches 128,512 --steps 20 \
-  --peers none 2>&1 | tee -a "$OUT/steps.md" | tail -6
+step "dy, the activations, or both written out once per block instead of the GEMM prologues"
+echo "dy / activations / both materialized (FASTDCGAN_MATERIALIZE_DY / _ACT):" >>"$OUT/steps.md"
+run 50 90 $py benches/step_table.py --batches 128,512 --steps 20 --peers none \
+  --feeds dy,act,both 2>&1 | tee -a "$OUT/steps.md" | tail -14
 
 step "profile of the captured step"
 for prec in bf16 fp32; do   # the per-launch sequence goes to profile.md only

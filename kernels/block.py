@@ -60,6 +60,12 @@ def materialize_dy():
     return os.environ.get("FASTDCGAN_MATERIALIZE_DY", "0") == "1"
 
 
+def materialize_act():
+    """FASTDCGAN_MATERIALIZE_ACT=1 (read at each call): a chain of blocks writes each activation
+    out and the consumer reads it raw (kernels/network.py)."""
+    return os.environ.get("FASTDCGAN_MATERIALIZE_ACT", "0") == "1"
+
+
 def _is_gemv(spec, x, cout):
     # kernel covers the whole 4x4 input and the output has too few channels for a tensor-core tile
     return (not spec.transposed and spec.stride == 1 and spec.padding == 0 and not spec.bn

@@ -13,6 +13,12 @@ Weights are read in kernel layout (kernels/weights.py), cast for all blocks at o
 weights.training_step() the weight and BN-parameter gradients are accumulated by the kernels
 straight into the parameters' .grad (autograd then gets None for them).
 
+With FASTDCGAN_MATERIALIZE_ACT=1 each block's activation is instead written out once (one
+elementwise pass per BatchNorm block) and the next block's GEMMs, forward and weight gradient, read
+it raw: no prologue transform in their main loops, at the price of that pass and of keeping the
+activations for backward. Which is faster is measured per GPU (benches/step_table.py); the default
+is the prologue.
+
 groups > 1: the input is that many equal batches, each with its own BatchNorm statistics (as if
 the chain ran on each in turn), in one pass: the training step's D scores real and fake images
 so, with half the launches and twice the rows per GEMM.
@@ -22,12 +28,13 @@ import functools
 import torch
 from torch.autograd.function import once_differentiable
 
-from .block import BlockOut, block_backward, block_forward
+from .block import BlockOut, block_backward, block_forward, materialize_act
 from .implicit_gemm import Xform, conv_out_size, make_geom
 from .weights import grad_sink, kernel_weights, torch_view
 
 _PER_BLOCK = 6   # weight, gamma, beta, running_mean, running_var, num_batches_tracked
 _FIRST = 3       # NetworkFunction's inputs before the blocks' tensors: x, specs, groups
+_SAVED = 8       # tensors saved per block: kernel weight, gamma, y, mean, rstd, scale, shift, act
 
 
 class NetworkFunction(torch.autograd.Function):
@@ -36,21 +43,24 @@ class NetworkFunction(torch.autograd.Function):
         cur, pro = x.permute(0, 2, 3, 1).contiguous(), None
         xh = cur
         wks = _kernel_weights(specs, tensors, cur.dtype)
+        mat_act = materialize_act()
         outs = []
         for i, spec in enumerate(specs):
             _, gamma, beta, rm, rv, nbt = tensors[_PER_BLOCK * i:_PER_BLOCK * (i + 1)]
             out = block_forward(cur, pro, wks[i], gamma, beta, rm, rv, spec, keep_y=True,
-                                materialize=i == len(specs) - 1, batches_tracked=nbt, groups=groups)
+                                materialize=mat_act or i == len(specs) - 1, batches_tracked=nbt,
+                                groups=groups)
             outs.append(out)
-            cur, pro = out.y, out.xform
+            cur, pro = (out.a, None) if mat_act else (out.y, out.xform)
         ctx.specs, ctx.groups = specs, groups
         ctx.geoms = [o.geom for o in outs]
         # the parameters themselves (leaves, not saved tensors): backward looks up their .grad
         ctx.params = [tensors[_PER_BLOCK * i:_PER_BLOCK * i + 3] for i in range(len(specs))]
         saved = [xh]
         for i, o in enumerate(outs):
+            # the activation is kept when it was materialized for the next block to read
             saved += [wks[i], tensors[_PER_BLOCK * i + 1], o.y, o.mean, o.rstd,
-                      o.xform.scale, o.xform.shift]
+                      o.xform.scale, o.xform.shift, o.a if mat_act and i < len(outs) - 1 else None]
         ctx.save_for_backward(*saved)
         return outs[-1].a.permute(0, 3, 1, 2)
 
@@ -61,8 +71,8 @@ class NetworkFunction(torch.autograd.Function):
         xh, specs = saved[0], ctx.specs
         blocks = []
         for i, spec in enumerate(specs):
-            w, gamma, y, mean, rstd, scale, shift = saved[1 + 7 * i:8 + 7 * i]
-            out = BlockOut(y, None, Xform(scale, shift, spec.act, spec.slope), mean, rstd, ctx.geoms[i])
+            w, gamma, y, mean, rstd, scale, shift, a = saved[1 + _SAVED * i:1 + _SAVED * (i + 1)]
+            out = BlockOut(y, a, Xform(scale, shift, spec.act, spec.slope), mean, rstd, ctx.geoms[i])
             blocks.append((w, gamma, out))
         need = ctx.needs_input_grad
         # grads: x, specs, groups, then (weight, gamma, beta, rm, rv, num_batches_tracked) per block
@@ -82,7 +92,9 @@ class NetworkFunction(torch.autograd.Function):
             else:
                 pw, pgamma, pout = blocks[i - 1]
                 pspec = specs[i - 1]
-                x, pro = pout.y, pout.xform
+                # the block's input: the producer's activation as materialized, or its raw output
+                # through the prologue
+                x, pro = (pout.a, None) if pout.a is not None else (pout.y, pout.xform)
                 prod = None
                 if pspec.bn:
                     prod = (pout.y, pout.xform.scale, pout.xform.shift, pout.mean, pout.rstd,
@@ -156,9 +168,11 @@ def run_network(x, specs, tensors, groups=1):
     with torch.no_grad():
         cur, pro = x.permute(0, 2, 3, 1).contiguous(), None
         wks = _kernel_weights(specs, tensors, cur.dtype)
+        mat_act = materialize_act()
         for i, spec in enumerate(specs):
             _, gamma, beta, rm, rv, nbt = tensors[_PER_BLOCK * i:_PER_BLOCK * (i + 1)]
             out = block_forward(cur, pro, wks[i], gamma, beta, rm, rv, spec, keep_y=False,
-                                materialize=i == len(specs) - 1, batches_tracked=nbt, groups=groups)
+                                materialize=mat_act or i == len(specs) - 1, batches_tracked=nbt,
+                                groups=groups)
             cur, pro = (out.y, out.xform) if out.a is None else (out.a, None)
         return cur.permute(0, 3, 1, 2)

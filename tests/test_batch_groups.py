@@ -69,10 +69,12 @@ def _blocks(chain):
 
 
 @interpreter_only
-@pytest.mark.parametrize("kind,groups,materialize_dy", [
-    ("conv", 2, "0"), ("conv", 2, "1"), ("transposed", 3, "0")])
-def test_grouped_pass_equals_one_call_per_batch(kind, groups, materialize_dy, monkeypatch):
+@pytest.mark.parametrize("kind,groups,materialize_act,materialize_dy", [
+    ("conv", 2, "0", "0"), ("conv", 2, "0", "1"), ("conv", 2, "1", "0"), ("transposed", 3, "0", "0")])
+def test_grouped_pass_equals_one_call_per_batch(kind, groups, materialize_act, materialize_dy,
+                                                monkeypatch):
     monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
+    monkeypatch.setenv("FASTDCGAN_MATERIALIZE_ACT", materialize_act)
     monkeypatch.setenv("FASTDCGAN_MATERIALIZE_DY", materialize_dy)
     chain = _randomize(_conv_chain(4) if kind == "conv" else _transposed_chain(4))
     ref = copy.deepcopy(chain).double()

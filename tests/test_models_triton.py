@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fastdcgan import Discriminator, Generator
+from fastdcgan.kernels import block, implicit_gemm
 from precision import (
     allowed, DEV, eager_precision, interpreter_only, needs_cuda, rel_err)
 
@@ -60,14 +61,40 @@ def train_step_check(nz, ngf, ndf, batch, dtype, tol):
     compare_state(d, dr, de, tol)
 
 
+# how the GEMMs get their operands: (FASTDCGAN_MATERIALIZE_ACT, FASTDCGAN_MATERIALIZE_DY)
+FEEDS = {"prologues": ("0", "0"), "dy-materialized": ("0", "1"), "act-materialized": ("1", "0"),
+         "both-materialized": ("1", "1")}
+
+
+def record_prologues(monkeypatch):
+    """The producer transforms (`pro`) the chained forward's GEMMs are given, one per call."""
+    seen = []
+
+    def conv_gemm(x, *args, pro=None, **kwargs):
+        if kwargs.get("stats") == 1:
+            seen.append(pro)
+        return implicit_gemm.conv_gemm(x, *args, pro=pro, **kwargs)
+
+    monkeypatch.setattr(block, "conv_gemm", conv_gemm)
+    return seen
+
+
 @interpreter_only
-@pytest.mark.parametrize("materialize_dy", ["0", "1"], ids=["dy-prologue", "dy-materialized"])
-def test_train_step_matches_reference(materialize_dy, monkeypatch):
-    """Both ways of feeding dy to the backward GEMMs: the BN/activation backward in their
-    prologues, or written out once per block (FASTDCGAN_MATERIALIZE_DY=1)."""
+@pytest.mark.parametrize("feed", ["prologues", "dy-materialized", "act-materialized"])
+def test_train_step_matches_reference(feed, monkeypatch):
+    """Every way of feeding the GEMMs: the producer's BN + activation (forward) and the BN /
+    activation backward (dy) applied in the consuming GEMMs' prologues, or either written out
+    once per block (FASTDCGAN_MATERIALIZE_ACT=1 / FASTDCGAN_MATERIALIZE_DY=1)."""
+    materialize_act, materialize_dy = FEEDS[feed]
     monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
+    monkeypatch.setenv("FASTDCGAN_MATERIALIZE_ACT", materialize_act)
     monkeypatch.setenv("FASTDCGAN_MATERIALIZE_DY", materialize_dy)
+    prologues = record_prologues(monkeypatch)
     train_step_check(nz=8, ngf=4, ndf=4, batch=2, dtype=torch.float32, tol=5e-5)
+    # the BatchNorm blocks' forward GEMMs: G's first four, D's middle three; all but G's first
+    # (reading z) read a producer's output, raw or through its transform
+    assert len(prologues) == 7
+    assert sum(p is None for p in prologues) == (7 if materialize_act == "1" else 1)
 
 
 def eval_check(nz, ngf, ndf, batch, dtype, tol, discriminator=True):
@@ -102,9 +129,11 @@ def test_eval_and_logits_match_reference(monkeypatch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("materialize_dy", ["0", "1"], ids=["dy-prologue", "dy-materialized"])
+@pytest.mark.parametrize("feed", list(FEEDS))
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 3e-2), (torch.bfloat16, 1e-1)], ids=["tf32", "bf16"])
-def test_full_size_gpu(dtype, tol, materialize_dy, monkeypatch):
+def test_full_size_gpu(dtype, tol, feed, monkeypatch):
+    materialize_act, materialize_dy = FEEDS[feed]
+    monkeypatch.setenv("FASTDCGAN_MATERIALIZE_ACT", materialize_act)
     monkeypatch.setenv("FASTDCGAN_MATERIALIZE_DY", materialize_dy)
     train_step_check(nz=100, ngf=64, ndf=64, batch=32, dtype=dtype, tol=tol)
     # G's eval kernels are the ones the inference benchmark uses; D's eval is checked on the CPU
