@@ -13,6 +13,7 @@ time by operand prologue (raw, BN-apply, BN-backward) against an elementwise mat
 
     python benches/tune_gemm.py --compile-only --layers D2 --dtypes bf16   # fill the Triton cache
     python benches/tune_gemm.py --write tiles.json                        # time, print, write
+    python benches/tune_gemm.py --feed raw --write tiles.json   # the tiles of materialized operands
 """
 import argparse
 import json
@@ -65,7 +66,7 @@ def _batches(layer, batches):
     return list(batches)
 
 
-def _case(layer, batch, dtype):
+def _case(layer, batch, dtype, raw=False):
     _, transposed, cin, cout, hw, stride, pad, _, _ = layer
     oh = ig.conv_out_size(transposed, stride, pad, hw)
     geom = ig.make_geom(transposed, stride, pad, hw, hw, oh, oh)
@@ -84,13 +85,19 @@ def _case(layer, batch, dtype):
     bwd_d = ig.BwdOperand(dy, torch.randn_like(dy), cvec() + 1.0, cvec(), cvec(), cvec(), cvec(), 1, 0.0)
     prod = (x, pro.scale, pro.shift, torch.randn(cin, device="cuda") * 0.1,
             torch.rand(cin, device="cuda") + 0.5, 1, 0.0)
-    keys = {"gemm": ig.tile_key("gemm", geom, cin, cout, m_rows, dtype),
+    keys = {"gemm": ig.tile_key("gemm", geom, cin, cout, m_rows, dtype, raw),
             "dgrad": ig.tile_key("dgrad", geom_d, cout, cin,
-                                 batch * geom_d.mh * geom_d.mw * geom_d.phases, dtype),
-            "wgrad": ig.tile_key("wgrad", geom, cin, cout, m_rows, dtype)}
-    runs = {"gemm": lambda: ig.conv_gemm(x, wp, geom, cout, pro=pro, stats=1),
-            "dgrad": lambda: ig.conv_gemm(None, wp, geom_d, cin, w_t=True, bwd=bwd_d, stats=2, prod=prod),
-            "wgrad": lambda: ig.conv_wgrad(x, pro, bwd, geom)}
+                                 batch * geom_d.mh * geom_d.mw * geom_d.phases, dtype, raw),
+            "wgrad": ig.tile_key("wgrad", geom, cin, cout, m_rows, dtype, raw)}
+    if raw:   # activations and dy materialized (FASTDCGAN_MATERIALIZE_ACT=1, _DY=1)
+        runs = {"gemm": lambda: ig.conv_gemm(x, wp, geom, cout, stats=1),
+                "dgrad": lambda: ig.conv_gemm(dy, wp, geom_d, cin, w_t=True, stats=2, prod=prod),
+                "wgrad": lambda: ig.conv_wgrad(x, None, dy, geom)}
+    else:
+        runs = {"gemm": lambda: ig.conv_gemm(x, wp, geom, cout, pro=pro, stats=1),
+                "dgrad": lambda: ig.conv_gemm(None, wp, geom_d, cin, w_t=True, bwd=bwd_d, stats=2,
+                                              prod=prod),
+                "wgrad": lambda: ig.conv_wgrad(x, pro, bwd, geom)}
     xn = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
     wc = w.to(dtype).contiguous(memory_format=torch.channels_last)
     conv = F.conv_transpose2d if transposed else F.conv2d
@@ -120,10 +127,10 @@ def _case(layer, batch, dtype):
     return keys, runs, cudnn, dense, prologues
 
 
-def sweep(layer, batch, dname, compile_only):
+def sweep(layer, batch, dname, compile_only, raw=False):
     """{kind: [(config or None for the heuristic, ms or error name)]}, cuDNN ms, keys,
     {kind: cuBLAS ms of the same GEMMs on plain matrices}."""
-    keys, runs, cudnn, dense, prologues = _case(layer, batch, DTYPES[dname])
+    keys, runs, cudnn, dense, prologues = _case(layer, batch, DTYPES[dname], raw)
     table = ig.tile_table()
     results = {}
     for kind, configs in (("gemm", FWD_CONFIGS[dname]), ("dgrad", DGRAD_CONFIGS[dname]),
@@ -159,6 +166,10 @@ def main():
     p.add_argument("--dtypes", default="bf16,fp32")
     p.add_argument("--compile-only", action="store_true", help="run each config once (fills the cache)")
     p.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    p.add_argument("--feed", choices=("prologues", "raw"), default="prologues",
+                   help="the GEMMs' operands as the default chained network feeds them (through the "
+                        "producers' transforms) or raw (FASTDCGAN_MATERIALIZE_ACT=1 and _DY=1): "
+                        "raw tiles have keys of their own")
     p.add_argument("--write", default=None,
                    help="write the tile table here: the winning tiles, and the current table's "
                         "entries for what this run did not sweep")
@@ -172,8 +183,8 @@ def main():
     for dname in args.dtypes.split(","):
         for layer in layers:
             for batch in _batches(layer, [int(b) for b in args.batches.split(",")]):
-                results, cudnn_ms, keys, dense_ms, prologue_ms = sweep(layer, batch, dname,
-                                                                       args.compile_only)
+                results, cudnn_ms, keys, dense_ms, prologue_ms = sweep(
+                    layer, batch, dname, args.compile_only, args.feed == "raw")
                 swept.update(keys.values())
                 if args.compile_only:
                     continue

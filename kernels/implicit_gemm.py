@@ -436,20 +436,26 @@ def gemm_tiles(m_rows, rows_per_image, cin, cout, dtype):
     return bm, bk, aligned, cands
 
 
-def wgrad_tiles(m_rows, cin, cout, dtype):
-    """(BLOCK_K, ALIGNED, BLOCK_N, [(BLOCK_M, num_warps, num_stages), ...]) for the weight gradient.
+def wgrad_tiles(m_rows, taps, cin, cout, dtype):
+    """(BLOCK_K, ALIGNED, BLOCK_N, [(BLOCK_M, num_warps, num_stages), ...]) for the weight gradient
+    of a convolution with `taps` kernel taps per phase.
 
     The output tile is BLOCK_K weight rows (th, tw, ci) x BLOCK_N output channels; the pixel
     reduction streams BLOCK_M rows per step (64, or 32 as the tuning alternative). H100: the fp32
     64 x 128 tile with [64 x 64] + [64 x 128] operands needs ~70 KB of shared memory per stage
     (operands plus the transposed copy), so 2 stages (3 measured 213 KB: one CTA per SM);
-    bf16 tiles take 128 weight rows and 4 stages."""
+    bf16 tiles take 128 weight rows and 4 stages. Flat K (Cin = 3: 48 weight rows; nz = 100)
+    takes all its rows in as few tiles as the widest allows, at least 64: each K tile re-reads
+    all of dy, and wgmma needs 64 rows (a 16- or 32-row tile runs on mma.sync)."""
+    widest = 64 if dtype == torch.float32 else 128
     if INTERPRET:
         if m_rows <= 1024:
             return 16, cin % 16 == 0, _pow2_clamp(cout, 16, 64), [(32, 4, 1)]
         bk, aligned = _k_block(cin, 64)
         return bk, aligned, _pow2_clamp(cout, 16, 64), [(512, 4, 1)]
-    bk, aligned = _k_block(cin, 64 if dtype == torch.float32 else 128)
+    bk, aligned = _k_block(cin, widest)
+    if not aligned:
+        bk = _pow2_clamp(taps * cin, 64, widest)
     bn = _pow2_clamp(cout, 16, 128)
     stages = 2 if dtype == torch.float32 else 4
     warps = 8 if bk * bn >= 64 * 128 else 4
@@ -512,16 +518,19 @@ def _split_rows(key):
     return f"{head} {dtype}", int(bucket)
 
 
-def tile_key(kind, geom, cin, cout, m_rows, dtype):
+def tile_key(kind, geom, cin, cout, m_rows, dtype, raw=False):
+    """raw: the GEMM's operands are read as stored, with no prologue transform (a materialized
+    activation or dy; the weight gradient: both operands), whose main loop is leaner and may want
+    another tile, so it has keys of its own."""
     dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
     return (f"{kind} phw{geom.phw} t{geom.t} {geom.ih}x{geom.iw}->{geom.oh}x{geom.ow} "
-            f"{cin}->{cout} rows{next_power_of_2(m_rows)} {dt}")
+            f"{cin}->{cout} rows{next_power_of_2(m_rows)} {dt}{' raw' if raw else ''}")
 
 
-def _tuned_tile(kind, geom, cin, cout, m_rows, dtype):
+def _tuned_tile(kind, geom, cin, cout, m_rows, dtype, raw):
     """The tile table's entry for this GEMM, or the one of the tuned buckets on both sides of its
     rows when they agree, or None."""
-    key = tile_key(kind, geom, cin, cout, m_rows, dtype)
+    key = tile_key(kind, geom, cin, cout, m_rows, dtype, raw)
     tile = tile_table().get(key)
     if tile is not None:
         return tile
@@ -644,8 +653,9 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
     m = nb * geom.mh * geom.mw
     # a data gradient without its own tuned tile takes the forward tile of the same geometry (the
     # other network's forward), fitted to its register budget below
-    tuned = _tuned_tile("dgrad", geom, cin, cout, m * geom.phases, dtype) if w_t else None
-    tuned = tuned or _tuned_tile("gemm", geom, cin, cout, m * geom.phases, dtype)
+    raw = bwd is None and pro is None
+    tuned = _tuned_tile("dgrad", geom, cin, cout, m * geom.phases, dtype, raw) if w_t else None
+    tuned = tuned or _tuned_tile("gemm", geom, cin, cout, m * geom.phases, dtype, raw)
     if tuned:
         bm, bn, bk, warps, stages = tuned
         aligned, cands = cin % bk == 0, [(bn, warps, stages)]
@@ -735,12 +745,13 @@ def conv_wgrad(x, pro, bwd, geom, dw=None, groups=1):
     dev, dtype = x.device, x.dtype
     m = nb * geom.mh * geom.mw
     ktot = geom.t * geom.t * cin
-    tuned = _tuned_tile("wgrad", geom, cin, cout, m * geom.phases, dtype)
+    tuned = _tuned_tile("wgrad", geom, cin, cout, m * geom.phases, dtype,
+                        raw=pro is None and out_mode == 0)
     if tuned:
         bk, bn, bm, warps, stages = tuned
         aligned, cands = cin % bk == 0, [(bm, warps, stages)]
     else:
-        bk, aligned, bn, cands = wgrad_tiles(m * geom.phases, cin, cout, dtype)
+        bk, aligned, bn, cands = wgrad_tiles(m * geom.phases, geom.t * geom.t, cin, cout, dtype)
     if not INTERPRET:
         cands = [(bm, max(w, min(8, bk * bn // (32 * ACC_REGS["wgrad"]))), s) for bm, w, s in cands]
     p_aff, q_aff = _affine(pro), _affine(bwd)
