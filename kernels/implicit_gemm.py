@@ -209,7 +209,9 @@ def conv_gemm_kernel(
     ps_ptr, pb_ptr, pca_ptr, pcb_ptr, pcc_ptr,
     es_ptr, eb_ptr, em_ptr, er_ptr, ey_ptr,
     st0_ptr, st1_ptr, cnt_ptr,
-    M, CIN, COUT, IH, IW, OH, OW, MH, MW, IOFF, GROUP_TILES, pro_slope, epi_slope,
+    M, GROUP_TILES, pro_slope, epi_slope,
+    CIN: tl.constexpr, COUT: tl.constexpr, IH: tl.constexpr, IW: tl.constexpr, OH: tl.constexpr,
+    OW: tl.constexpr, MH: tl.constexpr, MW: tl.constexpr, IOFF: tl.constexpr,
     PRO: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_ACT: tl.constexpr,
     STORE_Y: tl.constexpr, STORE_A: tl.constexpr, EPI_AFFINE: tl.constexpr, EPI_ACT: tl.constexpr,
     STATS: tl.constexpr, GROUPED: tl.constexpr,
@@ -295,8 +297,9 @@ def conv_gemm_kernel(
 def conv_wgrad_kernel(
     x_ptr, g_ptr, y_ptr, dw_ptr,
     ps_ptr, pb_ptr, qs_ptr, qb_ptr, qca_ptr, qcb_ptr, qcc_ptr,
-    M, CIN, COUT, IH, IW, OH, OW, MH, MW, IOFF, SPLIT, M_SPLIT, GROUP_ROWS, GROUP_SPLIT, pro_slope,
-    out_slope,
+    M, SPLIT, M_SPLIT, GROUP_ROWS, GROUP_SPLIT, pro_slope, out_slope,
+    CIN: tl.constexpr, COUT: tl.constexpr, IH: tl.constexpr, IW: tl.constexpr, OH: tl.constexpr,
+    OW: tl.constexpr, MH: tl.constexpr, MW: tl.constexpr, IOFF: tl.constexpr,
     PRO: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_ACT: tl.constexpr,
     OUT_MODE: tl.constexpr, OUT_AFFINE: tl.constexpr, OUT_ACT: tl.constexpr, GROUPED: tl.constexpr,
     PHW: tl.constexpr, T: tl.constexpr, IS: tl.constexpr, OS: tl.constexpr, PIN: tl.constexpr,
@@ -625,6 +628,15 @@ def _affine(operand):
 EXACT_K_MAX = 128
 
 
+def _shape_consts(geom, cin, cout, ih, iw):
+    """The layer's shape as compile-time constants: each layer compiles to its own kernels anyway
+    (its tile and geometry differ), and constants turn the per-row divisions of the pixel index
+    (by MH*MW, MW: powers of two in a DCGAN) into shifts and the address arithmetic into
+    immediates: the weight gradient decodes a new block of rows every pixel step."""
+    return dict(CIN=cin, COUT=cout, IH=ih, IW=iw, OH=geom.oh, OW=geom.ow, MH=geom.mh, MW=geom.mw,
+                IOFF=geom.ioff)
+
+
 def _dot_prec(dtype, ktot=None):
     """tl.dot input_precision of a GEMM over a reduction of ktot (None: a long one)."""
     if dtype != torch.float32:
@@ -716,9 +728,8 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
         e_slope = epi.slope if epi is not None else 0.0
         evec = (epi.scale, epi.shift, dummy, dummy, dummy) if e_aff else (dummy,) * 5
     args = (xin, gin, w, y if store_y else dummy, a if store_a else dummy, *pvec, *evec,
-            st0, st1, cnt, m, cin, cout, ih, iw, geom.oh, geom.ow, geom.mh, geom.mw, geom.ioff,
-            group_tiles or n_mt, float(p_slope), float(e_slope))
-    consts = dict(PRO=mode, PRO_AFFINE=p_aff, PRO_ACT=p_act, STORE_Y=store_y, STORE_A=store_a,
+            st0, st1, cnt, m, group_tiles or n_mt, float(p_slope), float(e_slope))
+    consts = dict(**_shape_consts(geom, cin, cout, ih, iw), PRO=mode, PRO_AFFINE=p_aff, PRO_ACT=p_act, STORE_Y=store_y, STORE_A=store_a,
                   EPI_AFFINE=e_aff, EPI_ACT=e_act, STATS=stats, GROUPED=grouped, PHW=geom.phw,
                   T=geom.t, IS=geom.in_s, OS=geom.out_s, PIN=geom.pin, TSTEP=geom.tstep,
                   ALIGNED=aligned, W_T=w_t, DOT_PREC=_dot_prec(dtype, geom.t * geom.t * cin), BLOCK_M=bm,
@@ -772,10 +783,9 @@ def conv_wgrad(x, pro, bwd, geom, dw=None, groups=1):
         dw = torch.zeros(4, 4, cin, cout, device=dev, dtype=torch.float32)
     pvec = (pro.scale, pro.shift) if p_aff else (dw, dw)
     qvec = (bwd.scale, bwd.shift, bwd.ca, bwd.cb, bwd.cc) if q_aff else (dw,) * 5
-    args = (x, bwd.g, bwd.y, dw, *pvec, *qvec, m, cin, cout, ih, iw, geom.oh, geom.ow, geom.mh,
-            geom.mw, geom.ioff, split, m_split, group_rows, group_split,
+    args = (x, bwd.g, bwd.y, dw, *pvec, *qvec, m, split, m_split, group_rows, group_split,
             float(pro.slope if pro else 0.0), float(bwd.slope))
-    consts = dict(PRO=1 if pro is not None else 0, PRO_AFFINE=p_aff, PRO_ACT=pro.act if pro else 0,
+    consts = dict(**_shape_consts(geom, cin, cout, ih, iw), PRO=1 if pro is not None else 0, PRO_AFFINE=p_aff, PRO_ACT=pro.act if pro else 0,
                   OUT_MODE=out_mode, OUT_AFFINE=q_aff, OUT_ACT=bwd.act, GROUPED=grouped,
                   PHW=geom.phw, T=geom.t, IS=geom.in_s, OS=geom.out_s, PIN=geom.pin,
                   TSTEP=geom.tstep, ALIGNED=aligned, DOT_PREC=_dot_prec(dtype), BLOCK_N=bn,
