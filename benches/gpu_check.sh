@@ -9,8 +9,9 @@
 #   3. the same at B=128 with FASTDCGAN_JOINT_D=0 (two D passes, G beside D(real))
 #   4. the same with dy, the activations or both written once per block instead of being
 #      transformed in the consuming GEMMs' prologues (FASTDCGAN_MATERIALIZE_DY / _ACT)
-#   5. kernel-time profile of the captured step, bf16 and fp32 at B=128, and Nsight Compute's
-#      speed of light of two forward GEMMs (benches/gemm_sol.py) (profile.md)
+#   5. kernel-time profile of the captured step, bf16 and fp32 at B=128 (and bf16 with every
+#      operand materialized), and Nsight Compute's speed of light of two forward GEMMs
+#      (benches/gemm_sol.py) (profile.md)
 #   6. bf16 GEMM tile sweep (tune.md; $OUT/tiles.json keeps fp32's tiles of kernels/tiles.json;
 #      D's layers also at the grouped pass's doubled batch), then the step table with it
 #   7. adam_step argument checks under (cuda-)gdb (crashed on this machine before), G inference,
@@ -117,6 +118,12 @@ for prec in bf16 fp32; do   # the per-launch sequence goes to profile.md only
     >>"$OUT/profile.md" 2>&1
   grep -A16 "^### B=128 $prec" "$OUT/profile.md" || tail -5 "$OUT/profile.md"
 done
+echo "## activations and dy materialized (FASTDCGAN_MATERIALIZE_ACT=1 FASTDCGAN_MATERIALIZE_DY=1)" \
+  >>"$OUT/profile.md"
+FASTDCGAN_MATERIALIZE_ACT=1 FASTDCGAN_MATERIALIZE_DY=1 run 25 50 $py benches/profile_step.py \
+  --batch 128 --precision bf16 --top 14 >"$OUT/profile_raw.tmp" 2>&1
+cat "$OUT/profile_raw.tmp" >>"$OUT/profile.md" 2>/dev/null && head -18 "$OUT/profile_raw.tmp"
+rm -f "$OUT/profile_raw.tmp"
 
 step "Nsight Compute: what bounds two bf16 forward GEMMs (G3 at B=512, D2 at B=128)"
 if command -v ncu >/dev/null; then
