@@ -102,11 +102,14 @@ def make_geom(transposed, stride, padding, ih, iw, oh, ow):
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _rows(rm, MH, MW, ph, pw, IOFF, IS: tl.constexpr, OS: tl.constexpr, PIN: tl.constexpr):
-    # GEMM row m -> image n, first input tap (ih0, iw0) and output pixel (oh, ow) of phase (ph, pw)
-    n = rm // (MH * MW)
-    r = rm % (MH * MW)
-    mh = r // MW
-    mw = r % MW
+    # GEMM row m -> image n, first input tap (ih0, iw0) and output pixel (oh, ow) of phase (ph, pw).
+    # Rows are never negative: unsigned division by the (constant) sizes is a shift and a mask
+    # where they are powers of two, without the rounding fix-up of a signed one.
+    ru = rm.to(tl.uint32)
+    n = (ru // (MH * MW)).to(tl.int32)
+    r = ru % (MH * MW)
+    mh = (r // MW).to(tl.int32)
+    mw = (r % MW).to(tl.int32)
     return n, mh * IS + ph * PIN + IOFF, mw * IS + pw * PIN + IOFF, mh * OS + ph, mw * OS + pw
 
 
