@@ -13,7 +13,8 @@
 #      operand materialized), and Nsight Compute's speed of light of two forward GEMMs
 #      (benches/gemm_sol.py) (profile.md)
 #   6. bf16 GEMM tile sweep (tune.md; $OUT/tiles.json keeps fp32's tiles of kernels/tiles.json;
-#      D's layers also at the grouped pass's doubled batch), then the step table with it
+#      D's layers also at the grouped pass's doubled batch) for the feed that step 4 found faster
+#      (TUNE_FEED=prologues|raw overrides), then the step table with it
 #   7. adam_step argument checks under (cuda-)gdb (crashed on this machine before), G inference,
 #      optimizer
 # The Triton cache starts empty on a fresh machine: the step tables' and the sweep's kernels
@@ -138,14 +139,24 @@ else
   echo "no ncu on this machine"
 fi
 
+# "raw" when steps.md has the bf16 B=128 step with every operand materialized faster than the
+# default (through the prologues), else "prologues"
+faster_feed() {
+  awk -F'|' '/fastdcgan bf16 \(CUDA graph\) B=128/ {d = $3 + 0}
+    /fastdcgan bf16 \(CUDA graph, activations and dy materialized\) B=128/ {r = $3 + 0}
+    END {print (r > 0 && d > 0 && r < d) ? "raw" : "prologues"}' "$1"
+}
+
 if [ -z "${SKIP_TUNE:-}" ]; then
-  step "bf16 GEMM tile sweep (timed), then our step with the tuned tiles"
-  if run 100 $(( $(left) - 60 )) $py benches/tune_gemm.py --dtypes bf16 --write "$OUT/tiles.json" \
-      >"$OUT/tune.md" 2>&1; then
+  feed=${TUNE_FEED:-$(faster_feed "$OUT/steps.md")}   # sweep the tiles of the faster feed
+  step "bf16 GEMM tile sweep (timed, $feed operands), then our step with the tuned tiles"
+  if run 100 $(( $(left) - 60 )) $py benches/tune_gemm.py --dtypes bf16 --feed $feed \
+      --write "$OUT/tiles.json" >"$OUT/tune.md" 2>&1; then
     tail -60 "$OUT/tune.md"
-    echo "with the tuned tiles:" >>"$OUT/steps.md"
+    echo "with the tuned tiles ($feed operands):" >>"$OUT/steps.md"
     FASTDCGAN_TILES=$OUT/tiles.json run 40 60 $py benches/step_table.py --batches 128,512 --steps 20 \
-      --peers none 2>&1 | tee -a "$OUT/steps.md" | tail -6
+      --peers none --feeds $([ "$feed" = raw ] && echo both || echo prologues) 2>&1 \
+      | tee -a "$OUT/steps.md" | tail -6
   else
     tail -30 "$OUT/tune.md" 2>/dev/null
   fi
