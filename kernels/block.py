@@ -108,13 +108,16 @@ def block_forward(x, pro, wk, gamma, beta, running_mean, running_var, spec, *, k
 
 
 def block_backward(g, x, pro, wk, gamma, out, spec, *, need_dx, need_dw, dw=None, bn_grads=None,
-                   partials=None, prod=None, groups=1):
-    """g: NHWC gradient w.r.t. the block's activation. x / pro: the block input as in forward; wk
-    the kernel-layout weight of the forward. dw: fp32 kernel-layout buffer the weight gradient is
-    added to (None: a new one); bn_grads: (gamma.grad, beta.grad) to add dgamma, dbeta to (None:
-    new tensors). partials: BN backward sums of this block already reduced (by the consumer's
-    dgrad epilogue). prod: (y, scale, shift, mean, rstd, act, slope) of the producer of x, when
-    its BN backward sums should be fused into this block's dgrad epilogue. groups: as in
+                   partials=None, prod=None, prod_act=None, g_is_dy=False, groups=1):
+    """g: NHWC gradient w.r.t. the block's activation (g_is_dy: already through the activation,
+    for a block without BatchNorm whose consumer's data gradient applied it). x / pro: the block
+    input as in forward; wk the kernel-layout weight of the forward. dw: fp32 kernel-layout
+    buffer the weight gradient is added to (None: a new one); bn_grads: (gamma.grad, beta.grad)
+    to add dgamma, dbeta to (None: new tensors). partials: BN backward sums of this block already
+    reduced (by the consumer's dgrad epilogue). prod: (y, scale, shift, mean, rstd, act, slope)
+    of the producer of x, when its BN backward sums should be fused into this block's dgrad
+    epilogue; prod_act: (y, act, slope) of a producer without BatchNorm, whose activation's
+    derivative the dgrad epilogue then applies (dx comes back through it). groups: as in
     block_forward.
     Returns (dx, dW, dgamma, dbeta, producer partials); dW in kernel layout."""
     y = out.y
@@ -130,8 +133,13 @@ def block_backward(g, x, pro, wk, gamma, out, spec, *, need_dx, need_dw, dw=None
         bo = BwdOperand(g, y, xf.scale, xf.shift, ca, cb, cc, spec.act, spec.slope)
     else:
         dgamma = dbeta = None
-        bo = BwdOperand(g, y, None, None, None, None, None, spec.act, spec.slope)
-    dy = bn_bwd_apply(bo, groups) if materialize_dy() and (need_dw or need_dx) else None
+        bo = BwdOperand(g, y, None, None, None, None, None, 0 if g_is_dy else spec.act, spec.slope)
+    if bo.scale is None and bo.act == 0:
+        dy = g   # nothing to apply: both GEMMs read g as it is
+    elif materialize_dy() and (need_dw or need_dx):
+        dy = bn_bwd_apply(bo, groups)
+    else:
+        dy = None
     if need_dw:
         dw = conv_wgrad(x, pro, bo if dy is None else dy, out.geom, dw, groups)
     dx = prod_partials = None
@@ -139,7 +147,8 @@ def block_backward(g, x, pro, wk, gamma, out, spec, *, need_dx, need_dw, dw=None
         nb, ih, iw, cin = x.shape
         geom = make_geom(not spec.transposed, spec.stride, spec.padding, y.shape[1], y.shape[2], ih, iw)
         dx, _, prod_partials = conv_gemm(dy, wk, geom, cin, w_t=True, bwd=bo if dy is None else None,
-                                         stats=2 if prod else 0, prod=prod, groups=groups)
+                                         stats=2 if prod else 0, prod=prod, grad_act=prod_act,
+                                         groups=groups)
     return dx, dw if need_dw else None, dgamma, dbeta, prod_partials
 
 

@@ -217,7 +217,7 @@ def conv_gemm_kernel(
     OW: tl.constexpr, MH: tl.constexpr, MW: tl.constexpr, IOFF: tl.constexpr,
     PRO: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_ACT: tl.constexpr,
     STORE_Y: tl.constexpr, STORE_A: tl.constexpr, EPI_AFFINE: tl.constexpr, EPI_ACT: tl.constexpr,
-    STATS: tl.constexpr, GROUPED: tl.constexpr,
+    STATS: tl.constexpr, EPI_GRAD: tl.constexpr, GROUPED: tl.constexpr,
     PHW: tl.constexpr, T: tl.constexpr, IS: tl.constexpr, OS: tl.constexpr, PIN: tl.constexpr,
     TSTEP: tl.constexpr, ALIGNED: tl.constexpr, W_T: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -231,6 +231,8 @@ def conv_gemm_kernel(
     # M2) of acc for BN (row phase*num_m_tiles + pid_m of the partials); STATS 2: per-tile sums of
     # dz = acc*act'(z) and dz*xhat of the producer layer whose saved output ey sits at the same
     # positions (the chained network's dgrad fuses the next BN backward reduction here).
+    # EPI_GRAD: the output is acc*act'(ey) -- a data gradient carried through the activation of a
+    # producer without BatchNorm, whose saved output ey sits at the same positions.
     # GROUPED (batch groups: BatchNorm per group of images, kernels/bn.py): a group's rows of a
     # phase are GROUP_TILES whole row tiles, so the tile's group is a scalar; it selects the
     # [group, C] rows of the prologue's and epilogue's BN vectors, and the partial rows are
@@ -269,6 +271,9 @@ def conv_gemm_kernel(
 
     optr = ((n * (OH * OW) + oh * OW + ow) * COUT)[:, None] + rn[None, :]
     omask = row_ok[:, None] & col_ok[None, :]
+    if EPI_GRAD:
+        yp = tl.load(ey_ptr + optr, mask=omask, other=0.0).to(tl.float32)
+        acc = acc * act_grad(yp, EPI_ACT, epi_slope)
     if STORE_Y:
         tl.store(y_ptr + optr, acc.to(y_ptr.dtype.element_ty), mask=omask)
     if STATS == 1:
@@ -651,7 +656,7 @@ def _dot_prec(dtype, ktot=None):
 
 
 def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, epi=None,
-              store_a=False, stats=0, prod=None, groups=1):
+              store_a=False, stats=0, prod=None, grad_act=None, groups=1):
     """Runs conv_gemm_kernel over all phases.
 
     x: NHWC input [N, IH, IW, CIN] (with prologue `pro`: Xform) or, for the dgrad, `bwd`
@@ -659,8 +664,10 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
     w_t (the data gradient) [4, 4, cout, CIN]. Returns (y, a, partials): y the raw output (store_y),
     a = act(y*epi.scale + epi.shift) (store_a), partials per `stats` (1: BN forward (mean_t, m2_t,
     cnt); 2: BN backward sums of the producer `prod` = (y, scale, shift, mean, rstd, act, slope)).
-    groups: the batch is that many groups of images with their own BN vectors ([groups * C]
-    each) and partial rows; the row tile shrinks to divide a group's rows.
+    grad_act: (y, act, slope) of a producer without BatchNorm: y is stored times act'(y there),
+    the gradient through that producer's activation (a data gradient's output). groups: the
+    batch is that many groups of images with their own BN vectors ([groups * C] each) and
+    partial rows; the row tile shrinks to divide a group's rows.
     """
     src = bwd.y if bwd is not None else x
     nb, ih, iw, cin = src.shape
@@ -725,6 +732,9 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
     if stats == 2:
         py, ps, pb, pm, pr, e_act, e_slope = prod
         evec, e_aff = (ps, pb, pm, pr, py), True
+    elif grad_act is not None:
+        py, e_act, e_slope = grad_act
+        evec, e_aff = (dummy, dummy, dummy, dummy, py), False
     else:
         e_aff = epi is not None and epi.scale is not None
         e_act = epi.act if epi is not None else 0
@@ -732,11 +742,12 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
         evec = (epi.scale, epi.shift, dummy, dummy, dummy) if e_aff else (dummy,) * 5
     args = (xin, gin, w, y if store_y else dummy, a if store_a else dummy, *pvec, *evec,
             st0, st1, cnt, m, group_tiles or n_mt, float(p_slope), float(e_slope))
-    consts = dict(**_shape_consts(geom, cin, cout, ih, iw), PRO=mode, PRO_AFFINE=p_aff, PRO_ACT=p_act, STORE_Y=store_y, STORE_A=store_a,
-                  EPI_AFFINE=e_aff, EPI_ACT=e_act, STATS=stats, GROUPED=grouped, PHW=geom.phw,
+    consts = dict(**_shape_consts(geom, cin, cout, ih, iw), PRO=mode, PRO_AFFINE=p_aff,
+                  PRO_ACT=p_act, STORE_Y=store_y, STORE_A=store_a, EPI_AFFINE=e_aff, EPI_ACT=e_act,
+                  STATS=stats, EPI_GRAD=grad_act is not None, GROUPED=grouped, PHW=geom.phw,
                   T=geom.t, IS=geom.in_s, OS=geom.out_s, PIN=geom.pin, TSTEP=geom.tstep,
-                  ALIGNED=aligned, W_T=w_t, DOT_PREC=_dot_prec(dtype, geom.t * geom.t * cin), BLOCK_M=bm,
-                  BLOCK_K=bk)
+                  ALIGNED=aligned, W_T=w_t, DOT_PREC=_dot_prec(dtype, geom.t * geom.t * cin),
+                  BLOCK_M=bm, BLOCK_K=bk)
     tiles = [({"BLOCK_N": bn}, w, s) for bn, w, s in cands]
     grid = lambda meta: (cdiv(cout, meta["BLOCK_N"]), geom.phases, n_mt)  # noqa: E731
     launch(conv_gemm_kernel, grid, args, consts, tiles,
@@ -788,7 +799,8 @@ def conv_wgrad(x, pro, bwd, geom, dw=None, groups=1):
     qvec = (bwd.scale, bwd.shift, bwd.ca, bwd.cb, bwd.cc) if q_aff else (dw,) * 5
     args = (x, bwd.g, bwd.y, dw, *pvec, *qvec, m, split, m_split, group_rows, group_split,
             float(pro.slope if pro else 0.0), float(bwd.slope))
-    consts = dict(**_shape_consts(geom, cin, cout, ih, iw), PRO=1 if pro is not None else 0, PRO_AFFINE=p_aff, PRO_ACT=pro.act if pro else 0,
+    consts = dict(**_shape_consts(geom, cin, cout, ih, iw), PRO=1 if pro is not None else 0,
+                  PRO_AFFINE=p_aff, PRO_ACT=pro.act if pro else 0,
                   OUT_MODE=out_mode, OUT_AFFINE=q_aff, OUT_ACT=bwd.act, GROUPED=grouped,
                   PHW=geom.phw, T=geom.t, IS=geom.in_s, OS=geom.out_s, PIN=geom.pin,
                   TSTEP=geom.tstep, ALIGNED=aligned, DOT_PREC=_dot_prec(dtype), BLOCK_N=bn,

@@ -7,7 +7,9 @@ written; per block one GEMM (+ BN finalize). Only the last block's activation is
 Backward, from the last block down: BN coefficients -> weight gradient (split-K) -> data gradient
 whose epilogue also reduces the producer's BN backward sums (sum dz, sum dz*xhat with
 dz = g*act'(z) recomputed from the producer's saved y), so each block's backward is two GEMMs and
-two tiny finalize kernels, with no separate elementwise pass.
+two tiny finalize kernels, with no separate elementwise pass. A producer without BatchNorm (D's
+first block) gets its gradient through its activation straight from that epilogue, so its own
+GEMMs read it as it is.
 
 Weights are read in kernel layout (kernels/weights.py), cast for all blocks at once; inside
 weights.training_step() the weight and BN-parameter gradients are accumulated by the kernels
@@ -83,22 +85,26 @@ class NetworkFunction(torch.autograd.Function):
             base = _FIRST + _PER_BLOCK * (i - 1)
             below.append(below[-1] or any(need[base:base + 3]))
         g = grad.permute(0, 2, 3, 1).contiguous().to(blocks[-1][2].y.dtype)
-        partials = None
+        partials, g_is_dy = None, False
         for i in reversed(range(len(specs))):
             w, gamma, out = blocks[i]
             spec = specs[i]
+            prod = prod_act = None
             if i == 0:
-                x, pro, prod = xh, None, None
+                x, pro = xh, None
             else:
                 pw, pgamma, pout = blocks[i - 1]
                 pspec = specs[i - 1]
                 # the block's input: the producer's activation as materialized, or its raw output
                 # through the prologue
                 x, pro = (pout.a, None) if pout.a is not None else (pout.y, pout.xform)
-                prod = None
                 if pspec.bn:
                     prod = (pout.y, pout.xform.scale, pout.xform.shift, pout.mean, pout.rstd,
                             pspec.act, pspec.slope)
+                elif pspec.act != 0:
+                    # a producer without BatchNorm (D's first block): its gradient leaves this
+                    # dgrad through its activation
+                    prod_act = (pout.y, pspec.act, pspec.slope)
             base = _FIRST + _PER_BLOCK * i
             weight, gparam, bparam = ctx.params[i]
             dw_sink = grad_sink(weight, spec.transposed) if need[base] else None
@@ -109,13 +115,14 @@ class NetworkFunction(torch.autograd.Function):
                     bn_sinks = None
             dx, dw, dgamma, dbeta, prev_partials = block_backward(
                 g, x, pro, w, gamma, out, spec, need_dx=below[i], need_dw=need[base],
-                dw=dw_sink, bn_grads=bn_sinks, partials=partials, prod=prod, groups=ctx.groups)
+                dw=dw_sink, bn_grads=bn_sinks, partials=partials, prod=prod, prod_act=prod_act,
+                g_is_dy=g_is_dy, groups=ctx.groups)
             if dw is not None and dw_sink is None:
                 grads[base] = torch_view(dw, spec.transposed).to(weight.dtype)
             if spec.bn and bn_sinks is None:
                 grads[base + 1] = dgamma.to(gamma.dtype) if need[base + 1] else None
                 grads[base + 2] = dbeta.to(gamma.dtype) if need[base + 2] else None
-            g, partials = dx, prev_partials
+            g, partials, g_is_dy = dx, prev_partials, prod_act is not None
             if not below[i]:
                 break
         if need[0]:
