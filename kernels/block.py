@@ -119,7 +119,8 @@ def block_backward(g, x, pro, wk, gamma, out, spec, *, need_dx, need_dw, dw=None
     epilogue; prod_act: (y, act, slope) of a producer without BatchNorm, whose activation's
     derivative the dgrad epilogue then applies (dx comes back through it). groups: as in
     block_forward.
-    Returns (dx, dW, dgamma, dbeta, producer partials); dW in kernel layout."""
+    Returns (dx, dW, dgamma, dbeta, producer partials); dW in kernel layout. out.y may be None
+    when nothing is to be applied to g (no BatchNorm, g_is_dy)."""
     y = out.y
     if spec.bn:
         xf = out.xform
@@ -145,7 +146,8 @@ def block_backward(g, x, pro, wk, gamma, out, spec, *, need_dx, need_dw, dw=None
     dx = prod_partials = None
     if need_dx:
         nb, ih, iw, cin = x.shape
-        geom = make_geom(not spec.transposed, spec.stride, spec.padding, y.shape[1], y.shape[2], ih, iw)
+        geom = make_geom(not spec.transposed, spec.stride, spec.padding, out.geom.oh, out.geom.ow,
+                         ih, iw)
         dx, _, prod_partials = conv_gemm(dy, wk, geom, cin, w_t=True, bwd=bo if dy is None else None,
                                          stats=2 if prod else 0, prod=prod, grad_act=prod_act,
                                          groups=groups)

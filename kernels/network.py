@@ -30,6 +30,7 @@ import functools
 import torch
 from torch.autograd.function import once_differentiable
 
+from .activations import ACTIVATIONS
 from .block import BlockOut, block_backward, block_forward, materialize_act
 from .implicit_gemm import Xform, conv_out_size, make_geom
 from .weights import grad_sink, kernel_weights, torch_view
@@ -49,9 +50,10 @@ class NetworkFunction(torch.autograd.Function):
         outs = []
         for i, spec in enumerate(specs):
             _, gamma, beta, rm, rv, nbt = tensors[_PER_BLOCK * i:_PER_BLOCK * (i + 1)]
-            out = block_forward(cur, pro, wks[i], gamma, beta, rm, rv, spec, keep_y=True,
-                                materialize=mat_act or i == len(specs) - 1, batches_tracked=nbt,
-                                groups=groups)
+            last = i == len(specs) - 1
+            out = block_forward(cur, pro, wks[i], gamma, beta, rm, rv, spec,
+                                keep_y=last or not (mat_act and _output_gives_grad(spec)),
+                                materialize=mat_act or last, batches_tracked=nbt, groups=groups)
             outs.append(out)
             cur, pro = (out.a, None) if mat_act else (out.y, out.xform)
         ctx.specs, ctx.groups = specs, groups
@@ -103,8 +105,9 @@ class NetworkFunction(torch.autograd.Function):
                             pspec.act, pspec.slope)
                 elif pspec.act != 0:
                     # a producer without BatchNorm (D's first block): its gradient leaves this
-                    # dgrad through its activation
-                    prod_act = (pout.y, pspec.act, pspec.slope)
+                    # dgrad through its activation (read off its output where its raw one was
+                    # not kept: _output_gives_grad)
+                    prod_act = (pout.a if pout.y is None else pout.y, pspec.act, pspec.slope)
             base = _FIRST + _PER_BLOCK * i
             weight, gparam, bparam = ctx.params[i]
             dw_sink = grad_sink(weight, spec.transposed) if need[base] else None
@@ -128,6 +131,15 @@ class NetworkFunction(torch.autograd.Function):
         if need[0]:
             grads[0] = g.permute(0, 3, 1, 2)
         return tuple(grads)
+
+
+def _output_gives_grad(spec):
+    """A block without BatchNorm whose activation's derivative is the same read off its output
+    as off its input (ReLU, LeakyReLU with a non-negative slope). Its backward needs its raw
+    output only for that derivative (applied by the consumer's dgrad epilogue), so with its
+    activation materialized the raw output is not stored."""
+    return not spec.bn and (spec.act == ACTIVATIONS["relu"] or (
+        spec.act == ACTIVATIONS["leaky_relu"] and spec.slope >= 0))
 
 
 def _kernel_weights(specs, tensors, dtype):

@@ -66,17 +66,20 @@ FEEDS = {"prologues": ("0", "0"), "dy-materialized": ("0", "1"), "act-materializ
          "both-materialized": ("1", "1")}
 
 
-def record_prologues(monkeypatch):
-    """The producer transforms (`pro`) the chained forward's GEMMs are given, one per call."""
-    seen = []
+def record_forward_gemms(monkeypatch):
+    """What the chained forward's GEMMs are given: the producer transforms (`pro`) of the
+    BatchNorm blocks' GEMMs, and whether the other blocks' GEMMs store their raw output."""
+    prologues, stores_y = [], []
 
     def conv_gemm(x, *args, pro=None, **kwargs):
         if kwargs.get("stats") == 1:
-            seen.append(pro)
+            prologues.append(pro)
+        elif not kwargs.get("w_t"):
+            stores_y.append(kwargs.get("store_y", True))
         return implicit_gemm.conv_gemm(x, *args, pro=pro, **kwargs)
 
     monkeypatch.setattr(block, "conv_gemm", conv_gemm)
-    return seen
+    return prologues, stores_y
 
 
 @interpreter_only
@@ -89,12 +92,15 @@ def test_train_step_matches_reference(feed, monkeypatch):
     monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
     monkeypatch.setenv("FASTDCGAN_MATERIALIZE_ACT", materialize_act)
     monkeypatch.setenv("FASTDCGAN_MATERIALIZE_DY", materialize_dy)
-    prologues = record_prologues(monkeypatch)
+    prologues, stores_y = record_forward_gemms(monkeypatch)
     train_step_check(nz=8, ngf=4, ndf=4, batch=2, dtype=torch.float32, tol=5e-5)
     # the BatchNorm blocks' forward GEMMs: G's first four, D's middle three; all but G's first
     # (reading z) read a producer's output, raw or through its transform
     assert len(prologues) == 7
     assert sum(p is None for p in prologues) == (7 if materialize_act == "1" else 1)
+    # the others: G's last (its output y is the backward's) and D's first, whose LeakyReLU'
+    # reads the same off its activation, so with that materialized y is not stored
+    assert stores_y == [True, materialize_act == "0"]
 
 
 def eval_check(nz, ngf, ndf, batch, dtype, tol, discriminator=True):
