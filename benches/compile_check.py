@@ -13,6 +13,7 @@ older), so a clean run here is a strong hint, not a proof.
 
     python benches/compile_check.py                 # B=128 and 512, fp32 and bf16
     python benches/compile_check.py --batches 128 --dtypes bf16 --verbose
+    python benches/compile_check.py --batches 512 --dtypes bf16 --loops   # main-loop cost table
 
 Exits 1 when a kernel fails to compile or needs more shared memory than a block may have (the
 launcher would fall back to fewer stages); spills are reported, not failed (the tile sweep
@@ -113,18 +114,39 @@ def trace(batches, dtypes):
     return rec.launches
 
 
-def _usage(cubin):
+# An H100 SM issues 4 warp-instructions per cycle and does ~4096 dense bf16 tensor FLOP per cycle
+# (989 TFLOPS / 132 SMs / 1.83 GHz): a GEMM main loop needing more warp-instructions per FLOP
+# than this is bound by instruction issue, not by its wgmmas, however it is tiled.
+ISSUE_BUDGET = 4 / 4096
+
+
+def _cuobjdump(cubin, *flags):
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
-                             text=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+        return subprocess.run([tool, *flags, f.name], capture_output=True, text=True).stdout
+
+
+def _usage(cubin):
+    m = re.search(r"REG:(\d+) STACK:(\d+)", _cuobjdump(cubin, "--dump-resource-usage"))
     return (int(m.group(1)), int(m.group(2))) if m else (None, None)
 
 
-def compile_one(fn, sig, consts, div16, num_warps, num_stages):
+def main_loop_sass(cubin):
+    """SASS instructions in the kernel's largest loop (a GEMM's K loop, or the weight gradient's
+    pixel loop): the span between the longest backward branch and its target."""
+    ins = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", _cuobjdump(cubin, "-sass"))
+    index = {int(a, 16): i for i, (a, _) in enumerate(ins)}
+    best = 0
+    for i, (a, text) in enumerate(ins):
+        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < int(a, 16) and int(m.group(1), 16) in index:
+            best = max(best, i - index[int(m.group(1), 16)] + 1)
+    return best
+
+
+def compile_one(fn, sig, consts, div16, num_warps, num_stages, loops=False):
     attrs = {(i,): [["tt.divisibility", 16]] for i in div16}
     kernel = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=TARGET,
                             options=dict(num_warps=num_warps, num_stages=num_stages))
@@ -132,12 +154,13 @@ def compile_one(fn, sig, consts, div16, num_warps, num_stages):
     regs, stack = _usage(kernel.asm["cubin"])
     return dict(shared=kernel.metadata.shared, regs=regs, spill_bytes=stack,
                 async_copies=ttgir.count("async_copy_global_to_local"),
-                wgmma="warp_group_dot" in ttgir)
+                wgmma="warp_group_dot" in ttgir,
+                loop_sass=main_loop_sass(kernel.asm["cubin"]) if loops else None)
 
 
 def _short(consts):
-    keep = ("PRO", "STATS", "GROUPED", "PHW", "T", "ALIGNED", "W_T", "DOT_PREC", "BLOCK_M",
-            "BLOCK_N", "BLOCK_K", "MODE", "TRAINING", "ACCUMULATE")
+    keep = ("PRO", "OUT_MODE", "STATS", "EPI_GRAD", "GROUPED", "PHW", "T", "ALIGNED", "W_T",
+            "DOT_PREC", "BLOCK_M", "BLOCK_N", "BLOCK_K", "MODE", "TRAINING", "ACCUMULATE")
     return " ".join(f"{k}={v}" for k, v in consts.items() if k in keep)
 
 
@@ -146,16 +169,21 @@ def main():
     ap.add_argument("--batches", default="128,512")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--verbose", action="store_true", help="one line per kernel, not only problems")
+    ap.add_argument("--loops", action="store_true",
+                    help="also table the GEMMs' main loops: SASS instructions per iteration and "
+                         "warp-instructions per FLOP against the issue budget")
     a = ap.parse_args()
     dtypes = [{"fp32": torch.float32, "bf16": torch.bfloat16}[d] for d in a.dtypes.split(",")]
     launches = trace([int(b) for b in a.batches.split(",")], dtypes)
     print(f"{len(launches)} distinct kernel specializations traced; compiling for sm_90")
     errors = spilling = 0
+    loops = []
     for fn, sig, consts, div16, warps, stages in launches.values():
         dtype = next(iter(sig.values())).lstrip("*")   # the first (operand) pointer's
         tag = f"{fn.fn.__name__} {dtype} w{warps} s{stages} {_short(consts)}"
+        gemm = "BLOCK_M" in consts and "BLOCK_N" in consts and "BLOCK_K" in consts
         try:
-            r = compile_one(fn, sig, consts, div16, warps, stages)
+            r = compile_one(fn, sig, consts, div16, warps, stages, loops=a.loops and gemm)
         except Exception as e:  # a compile error is what this tool is for
             errors += 1
             print(f"COMPILE ERROR {tag}: {str(e).splitlines()[0][:200]}")
@@ -168,8 +196,18 @@ def main():
         if note or a.verbose:
             print(f"{tag}: shared={r['shared']} regs={r['regs']} async_copies={r['async_copies']} "
                   f"wgmma={r['wgmma']} {note}")
+        if r["loop_sass"]:
+            # one iteration: a BLOCK_M x BLOCK_N x BLOCK_K slab of multiply-adds (the weight
+            # gradient's tile is BLOCK_K x BLOCK_N, its step BLOCK_M pixels: the same product)
+            flop = 2 * consts["BLOCK_M"] * consts["BLOCK_N"] * consts["BLOCK_K"]
+            loops.append((r["loop_sass"] * warps / flop, r["loop_sass"], tag))
     print(f"{errors} kernel(s) failing to compile or over the shared memory, {spilling} spilling, "
           f"of {len(launches)}")
+    if loops:
+        print(f"\n| main loop | SASS / iteration | warp-instr. / FLOP (issue budget {ISSUE_BUDGET:.2e}) |")
+        print("|---|---|---|")
+        for per_flop, sass, tag in sorted(loops, reverse=True):
+            print(f"| {tag} | {sass} | {per_flop:.2e} |")
     return 1 if errors else 0
 
 if __name__ == "__main__":
