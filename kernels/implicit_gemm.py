@@ -364,6 +364,61 @@ def conv_wgrad_kernel(
 
 
 @triton.jit
+def tconv_wgrad_kernel(
+    x_ptr, g_ptr, y_ptr, dw_ptr,
+    ps_ptr, pb_ptr, qs_ptr, qb_ptr, qca_ptr, qcb_ptr, qcc_ptr,
+    M, M_SPLIT, pro_slope, out_slope,
+    CIN: tl.constexpr, COUT: tl.constexpr, IH: tl.constexpr, IW: tl.constexpr, OH: tl.constexpr,
+    OW: tl.constexpr,
+    PRO: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_ACT: tl.constexpr,
+    OUT_MODE: tl.constexpr, OUT_AFFINE: tl.constexpr, OUT_ACT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Weight gradient of a stride-2, padding-1 transposed conv with few output channels (G's last
+    # layer: 3), input-stationary: output pixel o = 2i + k - 1 per dim, so
+    #     dW[kh, kw, ci, co] = sum over input pixels (n, ih, iw) of
+    #                          x[n, ih, iw, ci] * dy[n, 2ih + kh - 1, 2iw + kw - 1, co].
+    # GEMM over the input pixels: A = x [pixels, ci] read once (per phase, conv_wgrad_kernel reads
+    # it four times, with a 16-wide output tile of which 3 columns count), B[pixel, j] the 16 taps'
+    # dy gathered, j = (kh*4 + kw)*COUT + co (48 columns for 3 channels). One program: a
+    # [BLOCK_K channels ci, BLOCK_N columns j] tile over a slice of M_SPLIT pixels, added into the
+    # fp32 kernel-layout dw with atomics. Operands through their prologues as in conv_wgrad_kernel.
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    m_lo = tl.program_id(2) * M_SPLIT
+    m_hi = tl.minimum(M, m_lo + M_SPLIT)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = rk < CIN
+    rj = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    j_ok = rj < 16 * COUT
+    tap = rj // COUT
+    co = rj % COUT
+    kh = tap // 4
+    kw = tap % 4
+    acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rm < m_hi
+        ru = rm.to(tl.uint32)
+        n = (ru // (IH * IW)).to(tl.int32)
+        ih = ((ru % (IH * IW)) // IW).to(tl.int32)
+        iw = (ru % IW).to(tl.int32)
+        a = _load_operand(x_ptr, x_ptr, (rm * CIN)[:, None] + rk[None, :],
+                          row_ok[:, None] & k_ok[None, :], rk, CIN, ps_ptr, pb_ptr, ps_ptr, ps_ptr,
+                          ps_ptr, pro_slope, PRO, PRO_AFFINE, PRO_ACT)
+        oh = 2 * ih[:, None] + kh[None, :] - 1
+        ow = 2 * iw[:, None] + kw[None, :] - 1
+        ok = (row_ok[:, None] & j_ok[None, :] & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW))
+        optr = ((n[:, None] * OH + oh) * OW + ow) * COUT + co[None, :]
+        dy = _load_operand(y_ptr, g_ptr, optr, ok, co, COUT, qs_ptr, qb_ptr, qca_ptr, qcb_ptr,
+                           qcc_ptr, out_slope, OUT_MODE, OUT_AFFINE, OUT_ACT)
+        acc = tl.dot(tl.trans(a.to(x_ptr.dtype.element_ty)), dy.to(x_ptr.dtype.element_ty), acc,
+                     input_precision=DOT_PREC)
+    tl.atomic_add(dw_ptr + ((tap * CIN)[None, :] + rk[:, None]) * COUT + co[None, :], acc,
+                  mask=k_ok[:, None] & j_ok[None, :], sem="relaxed")
+
+
+@triton.jit
 def gemv_kernel(x_ptr, w_ptr, y_ptr, a_ptr, ps_ptr, pb_ptr, NB, K, CIN, COUT, GROUP_IMAGES,
                 pro_slope, epi_slope,
                 PRO: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_ACT: tl.constexpr,
@@ -781,6 +836,8 @@ def conv_wgrad(x, pro, bwd, geom, dw=None, groups=1):
         cands = [(bm, max(w, min(8, bk * bn // (32 * ACC_REGS["wgrad"]))), s) for bm, w, s in cands]
     p_aff, q_aff = _affine(pro), _affine(bwd)
     grouped = groups > 1 and (p_aff or q_aff)
+    if geom.phw == 2 and cout <= TCONV_WGRAD_MAX_COUT and not grouped:
+        return _tconv_wgrad(x, pro, bwd, out_mode, geom, dw)
     if not grouped:
         groups = 1
     group_rows = (nb // groups) * geom.mh * geom.mw
@@ -809,6 +866,45 @@ def conv_wgrad(x, pro, bwd, geom, dw=None, groups=1):
     grid = (cdiv(ktot, bk), cdiv(cout, bn), geom.phases * split)
     launch(conv_wgrad_kernel, lambda meta: grid, args, consts, tiles,
            key=["M", "CIN", "COUT", "PRO", "PHW", "T"], reset=["dw_ptr"])
+    return dw
+
+
+# A stride-2 transposed conv with at most this many output channels (16 taps x 8 = 128 GEMM
+# columns) takes the input-stationary weight gradient (tconv_wgrad_kernel).
+TCONV_WGRAD_MAX_COUT = 8
+
+
+def _tconv_wgrad(x, pro, bwd, out_mode, geom, dw):
+    """conv_wgrad for a stride-2 transposed conv with few output channels (tconv_wgrad_kernel):
+    one [CIN, 16*COUT] GEMM over the input pixels instead of four [4*CIN, COUT] phase GEMMs."""
+    nb, ih, iw, cin = x.shape
+    cout = bwd.y.shape[-1]
+    dev, dtype = x.device, x.dtype
+    m = nb * ih * iw
+    bn = next_power_of_2(16 * cout)
+    if INTERPRET:
+        bk, bm = 16, 32 if m <= 1024 else 512
+        warps, stages, split = 4, 1, 2
+    else:
+        # 64 channels x 64 columns: 32 fp32 accumulators a thread at 4 warps; a 64-pixel step
+        # keeps the operands' prologues at 32 elements a thread (fp32 operands: 8 warps, which
+        # compile_check found spill-free where 4 spilled)
+        bk, bm = min(64, _pow2_clamp(cin, 16, 64)), 64
+        warps, stages = (8 if dtype == torch.float32 else 4), 3
+        split = cdiv(2 * _num_sms(dev), cdiv(cin, bk) * cdiv(16 * cout, bn))
+    m_split = cdiv(cdiv(m, max(1, min(split, cdiv(m, 256)))), 128) * 128
+    if dw is None:
+        dw = torch.zeros(4, 4, cin, cout, device=dev, dtype=torch.float32)
+    p_aff, q_aff = _affine(pro), _affine(bwd)
+    pvec = (pro.scale, pro.shift) if p_aff else (dw, dw)
+    qvec = (bwd.scale, bwd.shift, bwd.ca, bwd.cb, bwd.cc) if q_aff else (dw,) * 5
+    grid = (cdiv(cin, bk), cdiv(16 * cout, bn), cdiv(m, m_split))
+    tconv_wgrad_kernel[grid](
+        x, bwd.g, bwd.y, dw, *pvec, *qvec, m, m_split, float(pro.slope if pro else 0.0),
+        float(bwd.slope), CIN=cin, COUT=cout, IH=ih, IW=iw, OH=geom.oh, OW=geom.ow,
+        PRO=1 if pro is not None else 0, PRO_AFFINE=p_aff, PRO_ACT=pro.act if pro else 0,
+        OUT_MODE=out_mode, OUT_AFFINE=q_aff, OUT_ACT=bwd.act, DOT_PREC=_dot_prec(dtype),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return dw
 
 
