@@ -1,0 +1,118 @@
+"""A GPU-free lower bound on the GEMM time of one training step, per way of feeding the GEMMs.
+
+Traces every launch of a bf16 training step (G(z); D on real and fake in one grouped pass,
+backward into D's weights; D on the fakes, backward into G) with the launches recorded instead
+of run, compiles each GEMM specialization for sm_90 (benches/compile_check.py), counts its
+main-loop SASS, and bounds each launch by the larger of
+    issue time  = programs x iterations x loop instructions x warps / (132 SMs x 4 per cycle)
+    tensor time = programs x iterations x 2*BLOCK_M*BLOCK_N*BLOCK_K / 989 TFLOPS.
+A model, not a measurement: it ignores memory stalls, latencies and launch gaps (the kernels
+measured on an H100 in session 2 ran 2-3x above such bounds), so use it to compare kernels and
+feeds, and the GPU (benches/step_table.py, profile_step.py) for times.
+
+    python benches/gemm_model.py [--batch 128] [--top 8]
+"""
+import argparse
+import collections
+import math
+import os
+
+os.environ.pop("TRITON_INTERPRET", None)   # model the GPU configurations
+
+import torch  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+import compile_check as cc  # noqa: E402
+
+SMS, CLOCK, PEAK = 132, 1.83e9, 989e12   # H100 SXM: SMs, boost clock, dense bf16 FLOP/s
+GEMMS = ("conv_gemm_kernel", "conv_wgrad_kernel", "tconv_wgrad_kernel")
+FEEDS = {"prologues": ("0", "0"), "dy": ("0", "1"), "act": ("1", "0"), "both": ("1", "1")}
+
+
+def trace_step(batch):
+    """[(JITFunction, constexprs, warps, stages, grid, arguments)] of one bf16 step's launches,
+    and the compile_check recorder holding their specializations."""
+    from fastdcgan import Discriminator, Generator, ops
+    from fastdcgan.kernels import implicit_gemm
+
+    implicit_gemm._num_sms = lambda device: SMS
+    ops._check_device = lambda device: None
+    rec, launches = cc.Recorder(), []
+
+    def run(fn, *args, grid, warmup=False, num_warps=4, num_stages=3, **kw):
+        rec.run(fn, *args, grid=grid, warmup=warmup, num_warps=num_warps, num_stages=num_stages,
+                **kw)
+        values = {**dict(zip((p.name for p in fn.params), args)), **kw}
+        grid = grid(values) if callable(grid) else grid
+        launches.append((fn, kw, num_warps, num_stages, math.prod(grid), values))
+
+    original = JITFunction.run
+    JITFunction.run = run
+    try:
+        torch.manual_seed(0)
+        G = Generator(backend="triton").to(torch.bfloat16)
+        D = Discriminator(backend="triton").to(torch.bfloat16)
+        z = torch.randn(batch, 100, 1, 1, dtype=torch.bfloat16)
+        real = torch.randn(batch, 3, 64, 64, dtype=torch.bfloat16)
+        fake = G(z)
+        D.logits(torch.cat([real, fake.detach()]), groups=2).float().sum().backward()
+        D.requires_grad_(False)   # the G update: D frozen
+        D.logits(fake).float().sum().backward()
+    finally:
+        JITFunction.run = original
+    return launches, rec
+
+
+def bound(batch, feed):
+    """(total seconds, {kind: seconds}, [(seconds, description)]) for the feed."""
+    os.environ["FASTDCGAN_MATERIALIZE_ACT"], os.environ["FASTDCGAN_MATERIALIZE_DY"] = FEEDS[feed]
+    launches, rec = trace_step(batch)
+    loop_sass, per_kind, rows = {}, collections.defaultdict(float), []
+    for fn, consts, warps, stages, programs, values in launches:
+        name = fn.fn.__name__
+        if name not in GEMMS:
+            continue
+        key = (fn, tuple(sorted(consts.items())), warps, stages)
+        if key not in loop_sass:
+            spec = next(v for v in rec.launches.values()
+                        if v[0] is fn and v[2] == consts and v[4] == warps and v[5] == stages)
+            loop_sass[key] = cc.compile_one(*spec, loops=True)["loop_sass"]
+        bm, bn, bk = consts["BLOCK_M"], consts["BLOCK_N"], consts["BLOCK_K"]
+        if name == "conv_gemm_kernel":
+            kind = "dgrad" if consts["W_T"] else "forward"
+            iterations = math.ceil(consts["T"] ** 2 * consts["CIN"] / bk)
+        else:
+            kind = "wgrad"
+            iterations = math.ceil(values["M_SPLIT"] / bm)
+        issue = programs * iterations * loop_sass[key] * warps / (SMS * 4) / CLOCK
+        tensor = programs * iterations * 2 * bm * bn * bk / PEAK
+        seconds = max(issue, tensor)
+        per_kind[kind] += seconds
+        rows.append((seconds, f"{name} {kind} {consts['CIN']}->{consts['COUT']} at "
+                              f"{consts['IH']}x{consts['IW']}: {programs} programs x {iterations} "
+                              f"iterations x {loop_sass[key]} SASS; issue {issue * 1e6:.1f} us, "
+                              f"tensor {tensor * 1e6:.1f} us"))
+    return sum(per_kind.values()), per_kind, rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--top", type=int, default=8, help="the most expensive launches listed per feed")
+    args = p.parse_args()
+    print(f"| feed (B={args.batch} bf16) | GEMM bound ms | forward | data gradient | weight gradient |")
+    print("|---|---|---|---|---|")
+    details = []
+    for feed in FEEDS:
+        total, per_kind, rows = bound(args.batch, feed)
+        print(f"| {feed} | {total * 1e3:.3f} | " + " | ".join(
+            f"{per_kind[k] * 1e3:.3f}" for k in ("forward", "dgrad", "wgrad")) + " |", flush=True)
+        details.append((feed, sorted(rows, reverse=True)[:args.top]))
+    for feed, rows in details:
+        print(f"\n{feed}: the most expensive launches")
+        for seconds, what in rows:
+            print(f"  {seconds * 1e6:6.1f} us  {what}")
+
+
+if __name__ == "__main__":
+    main()
