@@ -5,9 +5,10 @@
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
         python benches/gemm_sol.py --layer G3 --batch 512 --kind gemm
 
-Runs the GEMM of benches/tune_gemm.py's case (the forward with the producer's BN-apply prologue
-and the BN-statistics epilogue, the data gradient, or the weight gradient) three times: the
-first compiles, the third is the one to profile. Without ncu it prints the time of one launch.
+Runs the GEMM of benches/tune_gemm.py's case (the forward with the BN-statistics epilogue, the
+data gradient, or the weight gradient; operands raw as the network feeds them by default, or with
+--feed prologues through the producer's transforms) three times: the first compiles, the third
+is the one to profile. Without ncu it prints the time of one launch.
 """
 import argparse
 
@@ -24,14 +25,15 @@ def main():
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--kind", default="gemm", choices=("gemm", "dgrad", "wgrad"))
+    p.add_argument("--feed", default="raw", choices=("raw", "prologues"))
     a = p.parse_args()
     layer = next(lay for lay in LAYERS if lay[0].split()[0] == a.layer)
-    _, runs, _, _, _ = _case(layer, a.batch, DTYPES[a.dtype])
+    _, runs, _, _, _ = _case(layer, a.batch, DTYPES[a.dtype], a.feed == "raw")
     for _ in range(3):
         runs[a.kind]()
     torch.cuda.synchronize()
     ms = triton.testing.do_bench(runs[a.kind], warmup=5, rep=20)
-    print(f"{a.layer} B={a.batch} {a.dtype} {a.kind}: {ms:.3f} ms")
+    print(f"{a.layer} B={a.batch} {a.dtype} {a.kind} ({a.feed}): {ms:.3f} ms")
 
 
 if __name__ == "__main__":

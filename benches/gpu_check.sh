@@ -7,14 +7,14 @@
 #   1. GPU tests: kernels (tests_kernels.log), training step, sampler, optimizer (tests_step.log)
 #   2. step table vs peers at B=128 and 512 (steps.md): D on real and fake in one grouped pass
 #   3. the same at B=128 with FASTDCGAN_JOINT_D=0 (two D passes, G beside D(real))
-#   4. the same with dy, the activations or both written once per block instead of being
-#      transformed in the consuming GEMMs' prologues (FASTDCGAN_MATERIALIZE_DY / _ACT)
-#   5. kernel-time profile of the captured step, bf16 and fp32 at B=128 (and bf16 with every
-#      operand materialized), and Nsight Compute's speed of light of two forward GEMMs
+#   4. the same with the operands transformed in the consuming GEMMs' prologues, and with only dy
+#      or only the activations written once per block (the default writes both)
+#   5. kernel-time profile of the captured step, bf16 and fp32 at B=128 (and bf16 through the
+#      prologues), and Nsight Compute's speed of light of two forward GEMMs
 #      (benches/gemm_sol.py) (profile.md)
 #   6. bf16 GEMM tile sweep (tune.md; $OUT/tiles.json keeps fp32's tiles of kernels/tiles.json;
-#      D's layers also at the grouped pass's doubled batch) for the feed that step 4 found faster
-#      (TUNE_FEED=prologues|raw overrides), then the step table with it
+#      D's layers also at the grouped pass's doubled batch) for the feed that steps 2 and 4 found
+#      faster (TUNE_FEED=prologues|raw overrides), then the step table with it
 #   7. adam_step argument checks under (cuda-)gdb (crashed on this machine before), G inference,
 #      optimizer
 # The Triton cache starts empty on a fresh machine: the step tables' and the sweep's kernels
@@ -60,7 +60,7 @@ warm_logs=$(mktemp -d)
 warm() {   # one short step table per configuration the timed runs use: compiles their kernels
   while kill -0 $build_pid 2>/dev/null; do sleep 1; done   # (the build is not this subshell's child)
   # "BATCHES ENV [ARGS]": the batch sizes, an environment assignment, more step_table arguments
-  for cfg in "128 _=" "512 _=" "128 FASTDCGAN_JOINT_D=0" "128,512 _= --feeds dy,act,both"; do
+  for cfg in "128 _=" "512 _=" "128 FASTDCGAN_JOINT_D=0" "128,512 _= --feeds prologues,dy,act"; do
     set -- $cfg
     local batches=$1 assign=$2; shift 2
     env $assign timeout 300 $py benches/step_table.py --batches $batches --steps 1 --peers none "$@" \
@@ -108,10 +108,11 @@ echo "D in two passes, G beside D(real) (FASTDCGAN_JOINT_D=0):" >>"$OUT/steps.md
 FASTDCGAN_JOINT_D=0 run 30 60 $py benches/step_table.py --batches 128 --steps 20 --peers none \
   2>&1 | tee -a "$OUT/steps.md" | tail -4
 
-step "dy, the activations, or both written out once per block instead of the GEMM prologues"
-echo "dy / activations / both materialized (FASTDCGAN_MATERIALIZE_DY / _ACT):" >>"$OUT/steps.md"
+step "the other ways of feeding the GEMMs: prologues, or only dy / only the activations written"
+echo "through the prologues / dy only / activations only (FASTDCGAN_MATERIALIZE_ACT / _DY):" \
+  >>"$OUT/steps.md"
 run 50 90 $py benches/step_table.py --batches 128,512 --steps 20 --peers none \
-  --feeds dy,act,both 2>&1 | tee -a "$OUT/steps.md" | tail -14
+  --feeds prologues,dy,act 2>&1 | tee -a "$OUT/steps.md" | tail -14
 
 step "profile of the captured step"
 for prec in bf16 fp32; do   # the per-launch sequence goes to profile.md only
@@ -119,12 +120,12 @@ for prec in bf16 fp32; do   # the per-launch sequence goes to profile.md only
     >>"$OUT/profile.md" 2>&1
   grep -A16 "^### B=128 $prec" "$OUT/profile.md" || tail -5 "$OUT/profile.md"
 done
-echo "## activations and dy materialized (FASTDCGAN_MATERIALIZE_ACT=1 FASTDCGAN_MATERIALIZE_DY=1)" \
+echo "## through the prologues (FASTDCGAN_MATERIALIZE_ACT=0 FASTDCGAN_MATERIALIZE_DY=0)" \
   >>"$OUT/profile.md"
-FASTDCGAN_MATERIALIZE_ACT=1 FASTDCGAN_MATERIALIZE_DY=1 run 25 50 $py benches/profile_step.py \
-  --batch 128 --precision bf16 --top 14 >"$OUT/profile_raw.tmp" 2>&1
-cat "$OUT/profile_raw.tmp" >>"$OUT/profile.md" 2>/dev/null && head -18 "$OUT/profile_raw.tmp"
-rm -f "$OUT/profile_raw.tmp"
+FASTDCGAN_MATERIALIZE_ACT=0 FASTDCGAN_MATERIALIZE_DY=0 run 25 50 $py benches/profile_step.py \
+  --batch 128 --precision bf16 --top 14 >"$OUT/profile_pro.tmp" 2>&1
+cat "$OUT/profile_pro.tmp" >>"$OUT/profile.md" 2>/dev/null && head -18 "$OUT/profile_pro.tmp"
+rm -f "$OUT/profile_pro.tmp"
 
 step "Nsight Compute: what bounds two bf16 forward GEMMs (G3 at B=512, D2 at B=128)"
 if command -v ncu >/dev/null; then
@@ -139,12 +140,12 @@ else
   echo "no ncu on this machine"
 fi
 
-# "raw" when steps.md has the bf16 B=128 step with every operand materialized faster than the
-# default (through the prologues), else "prologues"
+# "prologues" when steps.md has the bf16 B=128 step through the prologues faster than the
+# default (every operand materialized), else "raw"
 faster_feed() {
   awk -F'|' '/fastdcgan bf16 \(CUDA graph\) B=128/ {d = $3 + 0}
-    /fastdcgan bf16 \(CUDA graph, activations and dy materialized\) B=128/ {r = $3 + 0}
-    END {print (r > 0 && d > 0 && r < d) ? "raw" : "prologues"}' "$1"
+    /fastdcgan bf16 \(CUDA graph, through the prologues\) B=128/ {p = $3 + 0}
+    END {print (p > 0 && d > 0 && p < d) ? "prologues" : "raw"}' "$1"
 }
 
 if [ -z "${SKIP_TUNE:-}" ]; then

@@ -7,7 +7,8 @@ CUDA graph; and uncaptured) against the peers of benches/peers.py, in this proce
 Prints a markdown table: median ms/step over --steps steps (CUDA events, after warm-up), images/s
 and each case's speed relative to the best peer measured at the same batch size. --feeds times our
 step once per way of feeding the GEMMs (kernels/block.py, kernels/network.py): the producers'
-transforms in the consumers' prologues, or dy / the activations / both written out once per block.
+transforms in the consumers' prologues, or dy / the activations / both (the default) written out
+once per block.
 """
 import argparse
 import os
@@ -19,7 +20,7 @@ from peers import PEERS, ours_step, peer_step
 
 
 # --feeds: (FASTDCGAN_MATERIALIZE_ACT, FASTDCGAN_MATERIALIZE_DY) and the row label
-FEEDS = {"prologues": ("0", "0", ""), "dy": ("0", "1", ", dy materialized"),
+FEEDS = {"prologues": ("0", "0", ", through the prologues"), "dy": ("0", "1", ", dy materialized"),
          "act": ("1", "0", ", activations materialized"),
          "both": ("1", "1", ", activations and dy materialized")}
 

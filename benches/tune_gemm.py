@@ -2,18 +2,20 @@
 kernels/implicit_gemm.py reads (FASTDCGAN_TILES, or kernels/tiles.json).
 
 For each layer (G1-G3, D1-D3: every GEMM-heavy layer), dtype and batch (128, 512: the tuned
-points; D's also at 256 and 1024, the rows of its grouped pass over real and fake) it times the forward GEMM as the chained network runs it (producer's BN-apply +
-activation in the prologue, BN statistics in the epilogue), the data gradient (BN + activation
-backward in the prologue, the producer's BN backward sums in the epilogue; without its own entry
-it takes the forward tile of the same geometry) and the split-K weight gradient over a few tile
-configurations,
-keeps the fastest when it beats the heuristic by over 3%, and compares with cuBLAS running the
-same GEMMs on plain matrices and with cuDNN's convolution. A second table gives the forward GEMM's
-time by operand prologue (raw, BN-apply, BN-backward) against an elementwise materializing pass.
+points; D's also at 256 and 1024, the rows of its grouped pass over real and fake) it times, as
+the chained network runs them, the forward GEMM (BN statistics in the epilogue), the data
+gradient (the producer's BN backward sums in the epilogue; without its own entry it takes the
+forward tile of the same geometry) and the split-K weight gradient over a few tile
+configurations, with their operands read raw (the default feed: activations and dy materialized)
+or, with --feed prologues, through the producer's BN-apply + activation / the BN + activation
+backward; it keeps the fastest when it beats the heuristic by over 3%, and compares with cuBLAS
+running the same GEMMs on plain matrices and with cuDNN's convolution. A second table gives the
+forward GEMM's time by operand prologue (raw, BN-apply, BN-backward) against an elementwise
+materializing pass.
 
     python benches/tune_gemm.py --compile-only --layers D2 --dtypes bf16   # fill the Triton cache
     python benches/tune_gemm.py --write tiles.json                        # time, print, write
-    python benches/tune_gemm.py --feed raw --write tiles.json   # the tiles of materialized operands
+    python benches/tune_gemm.py --feed prologues --write tiles.json   # operands through prologues
 """
 import argparse
 import json
@@ -167,10 +169,10 @@ def main():
     p.add_argument("--dtypes", default="bf16,fp32")
     p.add_argument("--compile-only", action="store_true", help="run each config once (fills the cache)")
     p.add_argument("--batches", default=",".join(map(str, BATCHES)))
-    p.add_argument("--feed", choices=("prologues", "raw"), default="prologues",
-                   help="the GEMMs' operands as the default chained network feeds them (through the "
-                        "producers' transforms) or raw (FASTDCGAN_MATERIALIZE_ACT=1 and _DY=1): "
-                        "raw tiles have keys of their own")
+    p.add_argument("--feed", choices=("raw", "prologues"), default="raw",
+                   help="the GEMMs' operands as the chained network feeds them by default (raw: "
+                        "activations and dy materialized) or through the producers' transforms "
+                        "(FASTDCGAN_MATERIALIZE_ACT=0 and _DY=0); raw tiles have keys of their own")
     p.add_argument("--write", default=None,
                    help="write the tile table here: the winning tiles, and the current table's "
                         "entries for what this run did not sweep")

@@ -13,10 +13,12 @@ gradient (split-K GEMM) and the data gradient (the "other" conv direction) both 
 dy = A*dz + B*y + C through their prologue. Saved: the block input (or the producer's raw y),
 this block's raw y, and per-channel mean/rstd/scale/shift only.
 
-With FASTDCGAN_MATERIALIZE_DY=1 the backward writes dy out once per block (one elementwise
-pass) and both GEMMs read it raw, instead of each applying the BN/activation backward to two
-tensors (g, y) in its prologue -- the weight gradient once per weight tile. Which is faster is
-measured per GPU (benches/step_table.py); the default is the prologue.
+By default the backward writes dy out once per block (one elementwise pass) and both GEMMs read
+it raw; FASTDCGAN_MATERIALIZE_DY=0 has each of them apply the BN/activation backward to two
+tensors (g, y) in its prologue instead -- the weight gradient once per weight tile, the data
+gradient once per tap and phase. The default is the one with the leaner GEMM main loops
+(benches/compile_check.py --loops, benches/gemm_model.py); benches/step_table.py --feeds times
+both ways on a GPU.
 
 Weights are kernel-layout tensors (kernels/weights.py) in the compute dtype; weight gradients are
 fp32 kernel-layout tensors, accumulated into a given buffer (a parameter's .grad) or new.
@@ -56,14 +58,14 @@ class BlockOut:
 
 
 def materialize_dy():
-    """FASTDCGAN_MATERIALIZE_DY=1 (read at each call): see the module docstring."""
-    return os.environ.get("FASTDCGAN_MATERIALIZE_DY", "0") == "1"
+    """FASTDCGAN_MATERIALIZE_DY, 1 by default (read at each call): see the module docstring."""
+    return os.environ.get("FASTDCGAN_MATERIALIZE_DY", "1") != "0"
 
 
 def materialize_act():
-    """FASTDCGAN_MATERIALIZE_ACT=1 (read at each call): a chain of blocks writes each activation
-    out and the consumer reads it raw (kernels/network.py)."""
-    return os.environ.get("FASTDCGAN_MATERIALIZE_ACT", "0") == "1"
+    """FASTDCGAN_MATERIALIZE_ACT, 1 by default (read at each call): a chain of blocks writes each
+    activation out and the consumer reads it raw (kernels/network.py)."""
+    return os.environ.get("FASTDCGAN_MATERIALIZE_ACT", "1") != "0"
 
 
 def _is_gemv(spec, x, cout):

@@ -1,25 +1,25 @@
 """A whole chain of blocks (a DCGAN Generator or Discriminator) as ONE autograd Function.
 
-Forward: each block's GEMM reads the previous block's raw conv output y through its prologue
-(act(y*scale + shift) with the producer's BN vectors), so normalized activations are never
-written; per block one GEMM (+ BN finalize). Only the last block's activation is materialized.
+Forward: per block one GEMM (+ BN finalize, + one elementwise pass writing the activation
+act(y*scale + shift) from the raw conv output y, which the next block's GEMMs read as it is).
 
 Backward, from the last block down: BN coefficients -> weight gradient (split-K) -> data gradient
 whose epilogue also reduces the producer's BN backward sums (sum dz, sum dz*xhat with
-dz = g*act'(z) recomputed from the producer's saved y), so each block's backward is two GEMMs and
-two tiny finalize kernels, with no separate elementwise pass. A producer without BatchNorm (D's
-first block) gets its gradient through its activation straight from that epilogue, so its own
-GEMMs read it as it is.
+dz = g*act'(z) recomputed from the producer's saved y), so each block's backward is two GEMMs,
+two tiny finalize kernels and the elementwise pass writing dy (kernels/block.py). A producer
+without BatchNorm (D's first block) gets its gradient through its activation straight from that
+epilogue, so its own GEMMs read it as it is, with no pass.
 
 Weights are read in kernel layout (kernels/weights.py), cast for all blocks at once; inside
 weights.training_step() the weight and BN-parameter gradients are accumulated by the kernels
 straight into the parameters' .grad (autograd then gets None for them).
 
-With FASTDCGAN_MATERIALIZE_ACT=1 each block's activation is instead written out once (one
-elementwise pass per BatchNorm block) and the next block's GEMMs, forward and weight gradient, read
-it raw: no prologue transform in their main loops, at the price of that pass and of keeping the
-activations for backward. Which is faster is measured per GPU (benches/step_table.py); the default
-is the prologue.
+With FASTDCGAN_MATERIALIZE_ACT=0 no activation but the last is written: the next block's GEMMs,
+forward and weight gradient, read y through their prologue (act(y*scale + shift) with the
+producer's BN vectors) instead, saving the pass and the activations kept for backward, at the
+price of a transform in their main loops repeated per tap, phase and column tile (the default,
+materialized, has the leaner loops: benches/compile_check.py --loops, benches/gemm_model.py;
+benches/step_table.py --feeds times both on a GPU).
 
 groups > 1: the input is that many equal batches, each with its own BatchNorm statistics (as if
 the chain ran on each in turn), in one pass: the training step's D scores real and fake images

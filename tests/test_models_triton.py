@@ -83,11 +83,11 @@ def record_forward_gemms(monkeypatch):
 
 
 @interpreter_only
-@pytest.mark.parametrize("feed", ["prologues", "dy-materialized", "act-materialized"])
+@pytest.mark.parametrize("feed", list(FEEDS))
 def test_train_step_matches_reference(feed, monkeypatch):
     """Every way of feeding the GEMMs: the producer's BN + activation (forward) and the BN /
-    activation backward (dy) applied in the consuming GEMMs' prologues, or either written out
-    once per block (FASTDCGAN_MATERIALIZE_ACT=1 / FASTDCGAN_MATERIALIZE_DY=1)."""
+    activation backward (dy) written out once per block (the default) or applied in the
+    consuming GEMMs' prologues (FASTDCGAN_MATERIALIZE_ACT=0 / FASTDCGAN_MATERIALIZE_DY=0)."""
     materialize_act, materialize_dy = FEEDS[feed]
     monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
     monkeypatch.setenv("FASTDCGAN_MATERIALIZE_ACT", materialize_act)
