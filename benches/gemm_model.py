@@ -23,10 +23,10 @@ import torch  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import compile_check as cc  # noqa: E402
+from step_table import FEEDS, set_feed  # noqa: E402
 
 SMS, CLOCK, PEAK = 132, 1.83e9, 989e12   # H100 SXM: SMs, boost clock, dense bf16 FLOP/s
 GEMMS = ("conv_gemm_kernel", "conv_wgrad_kernel", "tconv_wgrad_kernel")
-FEEDS = {"prologues": ("0", "0"), "dy": ("0", "1"), "act": ("1", "0"), "both": ("1", "1")}
 
 
 def trace_step(batch):
@@ -65,7 +65,7 @@ def trace_step(batch):
 
 def bound(batch, feed):
     """(total seconds, {kind: seconds}, [(seconds, description)]) for the feed."""
-    os.environ["FASTDCGAN_MATERIALIZE_ACT"], os.environ["FASTDCGAN_MATERIALIZE_DY"] = FEEDS[feed]
+    set_feed(feed)
     launches, rec = trace_step(batch)
     loop_sass, per_kind, rows = {}, collections.defaultdict(float), []
     for fn, consts, warps, stages, programs, values in launches:

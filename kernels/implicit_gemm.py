@@ -399,10 +399,7 @@ def tconv_wgrad_kernel(
     for m0 in range(m_lo, m_hi, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         row_ok = rm < m_hi
-        ru = rm.to(tl.uint32)
-        n = (ru // (IH * IW)).to(tl.int32)
-        ih = ((ru % (IH * IW)) // IW).to(tl.int32)
-        iw = (ru % IW).to(tl.int32)
+        n, ih, iw, _, _ = _rows(rm, IH, IW, 0, 0, 0, 1, 1, 0)   # pixel m -> (n, ih, iw)
         a = _load_operand(x_ptr, x_ptr, (rm * CIN)[:, None] + rk[None, :],
                           row_ok[:, None] & k_ok[None, :], rk, CIN, ps_ptr, pb_ptr, ps_ptr, ps_ptr,
                           ps_ptr, pro_slope, PRO, PRO_AFFINE, PRO_ACT)
@@ -823,6 +820,14 @@ def conv_wgrad(x, pro, bwd, geom, dw=None, groups=1):
     nb, ih, iw, cin = x.shape
     cout = bwd.y.shape[-1]
     dev, dtype = x.device, x.dtype
+    p_aff, q_aff = _affine(pro), _affine(bwd)
+    grouped = groups > 1 and (p_aff or q_aff)
+    if dw is None:
+        dw = torch.zeros(4, 4, cin, cout, device=dev, dtype=torch.float32)
+    pvec = (pro.scale, pro.shift) if p_aff else (dw, dw)
+    qvec = (bwd.scale, bwd.shift, bwd.ca, bwd.cb, bwd.cc) if q_aff else (dw,) * 5
+    if geom.phw == 2 and cout <= TCONV_WGRAD_MAX_COUT and not grouped:
+        return _tconv_wgrad(x, pro, bwd, out_mode, geom, dw, pvec, qvec)
     m = nb * geom.mh * geom.mw
     ktot = geom.t * geom.t * cin
     tuned = _tuned_tile("wgrad", geom, cin, cout, m * geom.phases, dtype,
@@ -834,26 +839,13 @@ def conv_wgrad(x, pro, bwd, geom, dw=None, groups=1):
         bk, aligned, bn, cands = wgrad_tiles(m * geom.phases, geom.t * geom.t, cin, cout, dtype)
     if not INTERPRET:
         cands = [(bm, max(w, min(8, bk * bn // (32 * ACC_REGS["wgrad"]))), s) for bm, w, s in cands]
-    p_aff, q_aff = _affine(pro), _affine(bwd)
-    grouped = groups > 1 and (p_aff or q_aff)
-    if geom.phw == 2 and cout <= TCONV_WGRAD_MAX_COUT and not grouped:
-        return _tconv_wgrad(x, pro, bwd, out_mode, geom, dw)
     if not grouped:
         groups = 1
     group_rows = (nb // groups) * geom.mh * geom.mw
-    tiles_kn = cdiv(ktot, bk) * cdiv(cout, bn) * geom.phases
-    # split the pixel reduction so that the grid has ~2 programs per SM, >= 256 rows per slice
-    # (interpreter: 2 slices whenever possible, to exercise the split and the atomics), the same
-    # number of slices in each batch group
-    split = 2 if INTERPRET else cdiv(2 * _num_sms(dev), tiles_kn)
-    group_split = cdiv(max(1, min(split, cdiv(m, 256))), groups)
-    m_split = cdiv(cdiv(group_rows, group_split), 128) * 128
+    split = _pixel_split(dev, cdiv(ktot, bk) * cdiv(cout, bn) * geom.phases)
+    m_split = _rows_per_slice(m, split, groups)
     group_split = cdiv(group_rows, m_split)
     split = group_split * groups
-    if dw is None:
-        dw = torch.zeros(4, 4, cin, cout, device=dev, dtype=torch.float32)
-    pvec = (pro.scale, pro.shift) if p_aff else (dw, dw)
-    qvec = (bwd.scale, bwd.shift, bwd.ca, bwd.cb, bwd.cc) if q_aff else (dw,) * 5
     args = (x, bwd.g, bwd.y, dw, *pvec, *qvec, m, split, m_split, group_rows, group_split,
             float(pro.slope if pro else 0.0), float(bwd.slope))
     consts = dict(**_shape_consts(geom, cin, cout, ih, iw), PRO=1 if pro is not None else 0,
@@ -874,36 +866,43 @@ def conv_wgrad(x, pro, bwd, geom, dw=None, groups=1):
 TCONV_WGRAD_MAX_COUT = 8
 
 
-def _tconv_wgrad(x, pro, bwd, out_mode, geom, dw):
+def _pixel_split(device, tiles):
+    """How many slices a weight gradient with `tiles` output tiles cuts its pixel reduction into:
+    ~2 programs per SM (interpreter: 2, to exercise the split and the atomics)."""
+    return 2 if INTERPRET else cdiv(2 * _num_sms(device), tiles)
+
+
+def _rows_per_slice(m, split, groups=1):
+    """Pixel rows per slice of a reduction over m rows in `groups` equal batch groups: about
+    `split` slices in all, the same number in each group, >= 256 rows each, a multiple of 128."""
+    group_split = cdiv(max(1, min(split, cdiv(m, 256))), groups)
+    return cdiv(cdiv(m // groups, group_split), 128) * 128
+
+
+def _tconv_wgrad(x, pro, bwd, out_mode, geom, dw, pvec, qvec):
     """conv_wgrad for a stride-2 transposed conv with few output channels (tconv_wgrad_kernel):
-    one [CIN, 16*COUT] GEMM over the input pixels instead of four [4*CIN, COUT] phase GEMMs."""
+    one [CIN, 16*COUT] GEMM over the input pixels instead of four [4*CIN, COUT] phase GEMMs.
+    dw, pvec, qvec: conv_wgrad's output and vector arguments."""
     nb, ih, iw, cin = x.shape
     cout = bwd.y.shape[-1]
-    dev, dtype = x.device, x.dtype
+    dtype = x.dtype
     m = nb * ih * iw
     bn = next_power_of_2(16 * cout)
     if INTERPRET:
-        bk, bm = 16, 32 if m <= 1024 else 512
-        warps, stages, split = 4, 1, 2
+        bk, bm, warps, stages = 16, 32 if m <= 1024 else 512, 4, 1
     else:
         # 64 channels x 64 columns: 32 fp32 accumulators a thread at 4 warps; a 64-pixel step
         # keeps the operands' prologues at 32 elements a thread (fp32 operands: 8 warps, which
         # compile_check found spill-free where 4 spilled)
         bk, bm = min(64, _pow2_clamp(cin, 16, 64)), 64
         warps, stages = (8 if dtype == torch.float32 else 4), 3
-        split = cdiv(2 * _num_sms(dev), cdiv(cin, bk) * cdiv(16 * cout, bn))
-    m_split = cdiv(cdiv(m, max(1, min(split, cdiv(m, 256)))), 128) * 128
-    if dw is None:
-        dw = torch.zeros(4, 4, cin, cout, device=dev, dtype=torch.float32)
-    p_aff, q_aff = _affine(pro), _affine(bwd)
-    pvec = (pro.scale, pro.shift) if p_aff else (dw, dw)
-    qvec = (bwd.scale, bwd.shift, bwd.ca, bwd.cb, bwd.cc) if q_aff else (dw,) * 5
+    m_split = _rows_per_slice(m, _pixel_split(x.device, cdiv(cin, bk) * cdiv(16 * cout, bn)))
     grid = (cdiv(cin, bk), cdiv(16 * cout, bn), cdiv(m, m_split))
     tconv_wgrad_kernel[grid](
         x, bwd.g, bwd.y, dw, *pvec, *qvec, m, m_split, float(pro.slope if pro else 0.0),
         float(bwd.slope), CIN=cin, COUT=cout, IH=ih, IW=iw, OH=geom.oh, OW=geom.ow,
-        PRO=1 if pro is not None else 0, PRO_AFFINE=p_aff, PRO_ACT=pro.act if pro else 0,
-        OUT_MODE=out_mode, OUT_AFFINE=q_aff, OUT_ACT=bwd.act, DOT_PREC=_dot_prec(dtype),
+        PRO=1 if pro is not None else 0, PRO_AFFINE=_affine(pro), PRO_ACT=pro.act if pro else 0,
+        OUT_MODE=out_mode, OUT_AFFINE=_affine(bwd), OUT_ACT=bwd.act, DOT_PREC=_dot_prec(dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return dw
 
