@@ -3,14 +3,19 @@
 Traces every launch of a bf16 training step (G(z); D on real and fake in one grouped pass,
 backward into D's weights; D on the fakes, backward into G) with the launches recorded instead
 of run, compiles each GEMM specialization for sm_90 (benches/compile_check.py), counts its
-main-loop SASS, and bounds each launch by the larger of
-    issue time  = programs x iterations x loop instructions x warps / (132 SMs x 4 per cycle)
-    tensor time = programs x iterations x 2*BLOCK_M*BLOCK_N*BLOCK_K / 989 TFLOPS.
-A model, not a measurement: it ignores memory stalls, latencies and launch gaps (the kernels
-measured on an H100 in session 2 ran 2-3x above such bounds), so use it to compare kernels and
-feeds, and the GPU (benches/step_table.py, profile_step.py) for times.
+main-loop SASS, and bounds each launch by the largest of
+    issue time   = programs x iterations x loop instructions x warps / (132 SMs x 4 per cycle)
+    tensor time  = programs x iterations x 2*BLOCK_M*BLOCK_N*BLOCK_K / 989 TFLOPS
+    operand time = operand bytes / --operand-tbps (default 3 TB/s)
+where the operand bytes are what the programs load tile by tile (gemm_traffic.py: each program
+reads its A and B tiles every K step from L2, cp.async.cg bypassing L1, so an implicit GEMM
+re-reads a stride-2 conv's input 4 times and a transposed conv's 16 times). 3 TB/s is about what
+the kernels tuned on an H100 in session 2 sustained (1.6-4.3 TB/s over the tile sweep's layers,
+benches/tune_gemm.py's "operand TB/s" column): a measured rate, not the L2's peak.
+A model, not a measurement: it ignores latencies and launch gaps, so use it to compare kernels,
+tiles and feeds, and the GPU (benches/step_table.py, profile_step.py) for times.
 
-    python benches/gemm_model.py [--batch 128] [--top 8]
+    python benches/gemm_model.py [--batch 128] [--top 8] [--operand-tbps 3]
 """
 import argparse
 import collections
@@ -23,6 +28,7 @@ import torch  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import compile_check as cc  # noqa: E402
+from gemm_traffic import iterations, operand_bytes  # noqa: E402
 from step_table import FEEDS, set_feed  # noqa: E402
 
 SMS, CLOCK, PEAK = 132, 1.83e9, 989e12   # H100 SXM: SMs, boost clock, dense bf16 FLOP/s
@@ -63,8 +69,9 @@ def trace_step(batch):
     return launches, rec
 
 
-def bound(batch, feed):
-    """(total seconds, {kind: seconds}, [(seconds, description)]) for the feed."""
+def bound(batch, feed, operand_rate):
+    """(total seconds, {kind: seconds}, [(seconds, description)]) for the feed, operands moving at
+    operand_rate bytes/s."""
     set_feed(feed)
     launches, rec = trace_step(batch)
     loop_sass, per_kind, rows = {}, collections.defaultdict(float), []
@@ -78,20 +85,17 @@ def bound(batch, feed):
                         if v[0] is fn and v[2] == consts and v[4] == warps and v[5] == stages)
             loop_sass[key] = cc.compile_one(*spec, loops=True)["loop_sass"]
         bm, bn, bk = consts["BLOCK_M"], consts["BLOCK_N"], consts["BLOCK_K"]
-        if name == "conv_gemm_kernel":
-            kind = "dgrad" if consts["W_T"] else "forward"
-            iterations = math.ceil(consts["T"] ** 2 * consts["CIN"] / bk)
-        else:
-            kind = "wgrad"
-            iterations = math.ceil(values["M_SPLIT"] / bm)
-        issue = programs * iterations * loop_sass[key] * warps / (SMS * 4) / CLOCK
-        tensor = programs * iterations * 2 * bm * bn * bk / PEAK
-        seconds = max(issue, tensor)
+        kind = ("dgrad" if consts["W_T"] else "forward") if name == "conv_gemm_kernel" else "wgrad"
+        steps = iterations(name, consts, values)
+        issue = programs * steps * loop_sass[key] * warps / (SMS * 4) / CLOCK
+        tensor = programs * steps * 2 * bm * bn * bk / PEAK
+        traffic = operand_bytes(name, consts, programs, values, 2) / operand_rate
+        seconds = max(issue, tensor, traffic)
         per_kind[kind] += seconds
         rows.append((seconds, f"{name} {kind} {consts['CIN']}->{consts['COUT']} at "
-                              f"{consts['IH']}x{consts['IW']}: {programs} programs x {iterations} "
+                              f"{consts['IH']}x{consts['IW']}: {programs} programs x {steps} "
                               f"iterations x {loop_sass[key]} SASS; issue {issue * 1e6:.1f} us, "
-                              f"tensor {tensor * 1e6:.1f} us"))
+                              f"tensor {tensor * 1e6:.1f} us, operands {traffic * 1e6:.1f} us"))
     return sum(per_kind.values()), per_kind, rows
 
 
@@ -99,12 +103,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--top", type=int, default=8, help="the most expensive launches listed per feed")
+    p.add_argument("--operand-tbps", type=float, default=3.0,
+                   help="the rate (TB/s) at which the GEMMs load their operand tiles")
     args = p.parse_args()
-    print(f"| feed (B={args.batch} bf16) | GEMM bound ms | forward | data gradient | weight gradient |")
+    print(f"| feed (B={args.batch} bf16, operands at {args.operand_tbps:g} TB/s) | GEMM bound ms | "
+          "forward | data gradient | weight gradient |")
     print("|---|---|---|---|---|")
     details = []
     for feed in FEEDS:
-        total, per_kind, rows = bound(args.batch, feed)
+        total, per_kind, rows = bound(args.batch, feed, args.operand_tbps * 1e12)
         print(f"| {feed} | {total * 1e3:.3f} | " + " | ".join(
             f"{per_kind[k] * 1e3:.3f}" for k in ("forward", "dgrad", "wgrad")) + " |", flush=True)
         details.append((feed, sorted(rows, reverse=True)[:args.top]))

@@ -18,7 +18,9 @@ materializing pass.
     python benches/tune_gemm.py --feed prologues --write tiles.json   # operands through prologues
 """
 import argparse
+import inspect
 import json
+import math
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,7 @@ import triton.testing
 from fastdcgan.kernels import implicit_gemm as ig
 from fastdcgan.kernels.bn import bn_apply
 from fastdcgan.kernels.weights import kernel_weights
+from gemm_traffic import operand_bytes
 from layer_table import LAYERS
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -130,9 +133,30 @@ def _case(layer, batch, dtype, raw=False):
     return keys, runs, cudnn, dense, prologues
 
 
+def _run_measuring_operands(run):
+    """Runs `run` (one GEMM launch) and returns the bytes of operand tiles its programs load
+    (gemm_traffic.operand_bytes), from the launch's grid, tile and arguments."""
+    seen = []
+    original = ig._launch_one
+
+    def spy(kernel, grid, args, consts, cfg):
+        seen.append((kernel, grid, args, consts, cfg))
+        return original(kernel, grid, args, consts, cfg)
+
+    ig._launch_one = spy
+    try:
+        run()
+    finally:
+        ig._launch_one = original
+    kernel, grid, args, consts, cfg = seen[-1]
+    values = dict(zip(inspect.signature(kernel.fn).parameters, args))
+    return operand_bytes(kernel.fn.__name__, {**consts, **cfg.kwargs}, math.prod(grid(cfg.kwargs)),
+                         values, args[0].element_size())
+
+
 def sweep(layer, batch, dname, compile_only, raw=False):
-    """{kind: [(config or None for the heuristic, ms or error name)]}, cuDNN ms, keys,
-    {kind: cuBLAS ms of the same GEMMs on plain matrices}."""
+    """{kind: [(config or None for the heuristic, ms or error name, operand bytes)]}, cuDNN ms,
+    keys, {kind: cuBLAS ms of the same GEMMs on plain matrices}."""
     keys, runs, cudnn, dense, prologues = _case(layer, batch, DTYPES[dname], raw)
     table = ig.tile_table()
     results = {}
@@ -143,12 +167,13 @@ def sweep(layer, batch, dname, compile_only, raw=False):
         for cfg in [None, *configs]:
             if cfg is not None:
                 table[keys[kind]] = list(cfg)
+            nbytes = 0
             try:
-                runs[kind]()
+                nbytes = _run_measuring_operands(runs[kind])
                 ms = 0.0 if compile_only else triton.testing.do_bench(runs[kind], warmup=5, rep=30)
             except Exception as e:  # out of shared memory / registers: report and go on
                 ms = type(e).__name__
-            rows.append((cfg, ms))
+            rows.append((cfg, ms, nbytes))
             table.pop(keys[kind], None)
         if saved is not None:
             table[keys[kind]] = saved
@@ -180,9 +205,10 @@ def main():
     layers = [l for l in LAYERS if l[0].split()[0] in args.layers.split(",")]
     best, prologue_rows, swept = {}, [], set()
     if not args.compile_only:
-        print("| layer | kernel | heuristic ms | best ms | best config | speedup | cuBLAS same GEMM ms "
-              "| cuDNN conv fwd ms |")
-        print("|---|---|---|---|---|---|---|---|")
+        # operand TB/s: the best config's operand tiles (gemm_traffic.operand_bytes) per second
+        print("| layer | kernel | heuristic ms | best ms | best config | speedup | operand TB/s "
+              "| cuBLAS same GEMM ms | cuDNN conv fwd ms |")
+        print("|---|---|---|---|---|---|---|---|---|")
     for dname in args.dtypes.split(","):
         for layer in layers:
             for batch in _batches(layer, [int(b) for b in args.batches.split(",")]):
@@ -194,16 +220,16 @@ def main():
                 prologue_rows.append(f"| {layer[0]} B={batch} {dname} | " + " | ".join(
                     f"{prologue_ms[k]:.3f}" for k in ("raw", "bn-apply", "bn-backward", "apply pass")) + " |")
                 for kind, rows in results.items():
-                    timed = [(cfg, ms) for cfg, ms in rows if isinstance(ms, float)]
-                    heur = dict(rows).get(None)
-                    cfg, ms = min(timed, key=lambda r: r[1])
+                    timed = [r for r in rows if isinstance(r[1], float)]
+                    heur = next(ms for cfg, ms, _ in rows if cfg is None)
+                    cfg, ms, nbytes = min(timed, key=lambda r: r[1])
                     if cfg is not None and isinstance(heur, float) and ms < 0.97 * heur:
                         best[keys[kind]] = list(cfg)
                     heur_s = f"{heur:.3f}" if isinstance(heur, float) else heur
                     gain = f"{heur / ms:.2f}x" if isinstance(heur, float) else ""
                     print(f"| {layer[0]} B={batch} {dname} | {kind} | {heur_s} | {ms:.3f} | "
-                          f"{cfg or 'heuristic'} | {gain} | {dense_ms[kind]:.3f} | {cudnn_ms:.3f} |",
-                          flush=True)
+                          f"{cfg or 'heuristic'} | {gain} | {nbytes / ms / 1e9:.1f} | "
+                          f"{dense_ms[kind]:.3f} | {cudnn_ms:.3f} |", flush=True)
     if prologue_rows:
         print("\nForward GEMM at the table's tile, by operand prologue (ms), and the elementwise pass "
               "that would materialize the operand instead:\n")
