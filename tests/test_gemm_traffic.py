@@ -27,7 +27,8 @@ def test_operand_bytes_of_a_forward_gemm_and_a_weight_gradient(monkeypatch):
     bn = cands[0][0]
     got = tune_gemm._run_measuring_operands(lambda: ig.conv_gemm(x, w, geom, cout, stats=1))
     # every row tile reads its [bm, bk] input tile and the [bk, bn] weight tile per K step
-    assert got == math.ceil(rows / bm) * math.ceil(cout / bn) * (16 * cin // bk) * (bm * bk + bk * bn) * 4
+    programs = math.ceil(rows / bm) * math.ceil(cout / bn)
+    assert got == programs * (16 * cin // bk) * (bm * bk + bk * bn) * 4
     dy = torch.randn(nb, 16, 16, cout)
     got = tune_gemm._run_measuring_operands(lambda: ig.conv_wgrad(x, None, dy, geom))
     wbk, _, wbn, _ = ig.wgrad_tiles(rows, 16, cin, cout, torch.float32)

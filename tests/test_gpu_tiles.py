@@ -110,7 +110,8 @@ class Checker:
         y, a, partials = implicit_gemm.conv_gemm(
             x, w, geom, cout, w_t=w_t, pro=pro, bwd=bwd, store_y=store_y, epi=epi,
             store_a=store_a, stats=stats, prod=prod, grad_act=grad_act, groups=groups)
-        what = f"conv_gemm {geom.ih}x{geom.iw}->{geom.oh}x{geom.ow} -> {cout}{' dgrad' if w_t else ''}"
+        what = (f"conv_gemm {geom.ih}x{geom.iw}->{geom.oh}x{geom.ow} -> {cout}"
+                f"{' dgrad' if w_t else ''}")
         self.launches.append(what)
         ref = conv64(operand64(x, pro, bwd, groups), w, geom, w_t)
         if grad_act is not None:
@@ -185,7 +186,7 @@ class Checker:
         what = f"gemv {tuple(x.shape)} -> {cout}"
         self.launches.append(what)
         xin = operand64(x, pro, None, groups)
-        ref = (xin.reshape(x.shape[0], -1) @ w.double().reshape(-1, cout)).reshape(y.shape if store_y else a.shape)
+        ref = (xin.reshape(x.shape[0], -1) @ w.double().reshape(-1, cout)).reshape(-1, 1, 1, cout)
         if store_y:
             close(y, ref, self.tol, what)
         if store_a:
