@@ -129,3 +129,16 @@ def gpu_mode(mode, monkeypatch):
     """The op dtype for a GPU test mode; sets the fp32 dot precision (tf32 or ieee)."""
     monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee" if mode == "ieee" else "tf32")
     return torch.bfloat16 if mode == "bf16" else torch.float32
+
+
+# how the fused network's GEMMs get their operands: (FASTDCGAN_MATERIALIZE_ACT,
+# FASTDCGAN_MATERIALIZE_DY); both materialized is the default
+FEEDS = {"prologues": ("0", "0"), "dy-materialized": ("0", "1"), "act-materialized": ("1", "0"),
+         "both-materialized": ("1", "1")}
+
+
+def use_feed(feed, monkeypatch):
+    """Runs the fused network's GEMMs on the operand feed `feed` (a FEEDS key)."""
+    materialize_act, materialize_dy = FEEDS[feed]
+    monkeypatch.setenv("FASTDCGAN_MATERIALIZE_ACT", materialize_act)
+    monkeypatch.setenv("FASTDCGAN_MATERIALIZE_DY", materialize_dy)

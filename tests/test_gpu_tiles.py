@@ -17,13 +17,18 @@ import torch.nn.functional as F
 
 from fastdcgan import Discriminator, Generator
 from fastdcgan.kernels import block, implicit_gemm
-from fastdcgan.kernels.weights import torch_view
-from precision import interpreter_only
+from fastdcgan.kernels.activations import ACTIVATIONS
+from fastdcgan.kernels.weights import kernel_view, torch_view
+from precision import ACTS, interpreter_only, use_feed
 
 pytestmark = pytest.mark.usefixtures("poison")
-ACT = {0: lambda z, s: z, 1: lambda z, s: F.relu(z), 2: lambda z, s: F.leaky_relu(z, s),
-       3: lambda z, s: torch.tanh(z), 4: lambda z, s: torch.sigmoid(z)}
+ACT_NAMES = {code: name for name, code in ACTIVATIONS.items()}
 KINK = 1e-4   # |pre-activation| below which ReLU' / LeakyReLU' may differ from float64's
+
+
+def act64(z, act, slope):
+    """The activation with code `act` (kernels/activations.py), as the reference blocks apply it."""
+    return ACTS[ACT_NAMES[act]](slope)(z)
 
 
 def act_grad(z, act, slope):
@@ -87,7 +92,7 @@ def operand64(x, pro, bwd, groups):
         return x
     if pro.scale is not None:
         x = x * per_group(pro.scale, groups, x) + per_group(pro.shift, groups, x)
-    return ACT[pro.act](x, pro.slope)
+    return act64(x, pro.act, pro.slope)
 
 
 def close(out, ref, tol, what, slack=None):
@@ -123,7 +128,7 @@ class Checker:
             z = ref
             if epi.scale is not None:
                 z = z * per_group(epi.scale, groups, z) + per_group(epi.shift, groups, z)
-            close(a, ACT[epi.act](z, epi.slope), self.tol, what + " activation")
+            close(a, act64(z, epi.act, epi.slope), self.tol, what + " activation")
         if stats == 1:
             self._check_bn_partials(partials, ref, groups, what)
         elif stats == 2:
@@ -176,8 +181,7 @@ class Checker:
             ref = torch.nn.grad.conv2d_weight(xin, (dy.shape[1], x.shape[-1], 4, 4), dy,
                                               stride=stride, padding=padding)
         added = dw.double() - (0 if before is None else before.double())
-        close(added, ref.permute(2, 3, 1, 0) if not transposed else ref.permute(2, 3, 0, 1),
-              self.tol, what)
+        close(added, kernel_view(ref, transposed), self.tol, what)
         return dw
 
     def gemv(self, x, w, cout, *, pro=None, epi=None, store_y=True, store_a=False, groups=1):
@@ -190,7 +194,7 @@ class Checker:
         if store_y:
             close(y, ref, self.tol, what)
         if store_a:
-            close(a, ACT[epi.act](ref, epi.slope), self.tol, what + " activation")
+            close(a, act64(ref, epi.act, epi.slope), self.tol, what + " activation")
         return y, a
 
 
@@ -209,11 +213,10 @@ def gpu_tiles(monkeypatch):
 
 
 def training_step(checker, width, batch, feed, monkeypatch):
-    """One training step's passes at ngf = ndf = width (G forward; D on real and fake in one
-    grouped pass, backward into D; D frozen, backward into G); returns the launches' kinds."""
-    flag = "1" if feed == "raw" else "0"
-    monkeypatch.setenv("FASTDCGAN_MATERIALIZE_ACT", flag)
-    monkeypatch.setenv("FASTDCGAN_MATERIALIZE_DY", flag)
+    """One training step's passes at ngf = ndf = width with the operand feed `feed`
+    (precision.FEEDS): G forward; D on real and fake in one grouped pass, backward into D; D
+    frozen, backward into G. Returns the launches' kinds."""
+    use_feed(feed, monkeypatch)
     torch.manual_seed(0)
     G, D = Generator(ngf=width, backend="triton"), Discriminator(ndf=width, backend="triton")
     fake = G(torch.randn(batch, 100, 1, 1))
@@ -225,7 +228,7 @@ def training_step(checker, width, batch, feed, monkeypatch):
 
 
 @interpreter_only
-@pytest.mark.parametrize("feed", ["raw", "prologues"])
+@pytest.mark.parametrize("feed", ["both-materialized", "prologues"])
 def test_training_step_gemms_at_gpu_tiles(gpu_tiles, feed, monkeypatch):
     """Every GEMM of a training step with the default feed (activations and dy materialized: raw
     operands) and through the prologues, at half the DCGAN widths (the interpreter's time: ~3

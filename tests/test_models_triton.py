@@ -12,7 +12,7 @@ import torch
 from fastdcgan import Discriminator, Generator
 from fastdcgan.kernels import block, implicit_gemm
 from precision import (
-    allowed, DEV, eager_precision, interpreter_only, needs_cuda, rel_err)
+    allowed, DEV, eager_precision, FEEDS, interpreter_only, needs_cuda, rel_err, use_feed)
 
 pytestmark = pytest.mark.usefixtures("poison")
 
@@ -61,11 +61,6 @@ def train_step_check(nz, ngf, ndf, batch, dtype, tol):
     compare_state(d, dr, de, tol)
 
 
-# how the GEMMs get their operands: (FASTDCGAN_MATERIALIZE_ACT, FASTDCGAN_MATERIALIZE_DY)
-FEEDS = {"prologues": ("0", "0"), "dy-materialized": ("0", "1"), "act-materialized": ("1", "0"),
-         "both-materialized": ("1", "1")}
-
-
 def record_forward_gemms(monkeypatch):
     """What the chained forward's GEMMs are given: the producer transforms (`pro`) of the
     BatchNorm blocks' GEMMs, and whether the other blocks' GEMMs store their raw output."""
@@ -88,10 +83,9 @@ def test_train_step_matches_reference(feed, monkeypatch):
     """Every way of feeding the GEMMs: the producer's BN + activation (forward) and the BN /
     activation backward (dy) written out once per block (the default) or applied in the
     consuming GEMMs' prologues (FASTDCGAN_MATERIALIZE_ACT=0 / FASTDCGAN_MATERIALIZE_DY=0)."""
-    materialize_act, materialize_dy = FEEDS[feed]
     monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
-    monkeypatch.setenv("FASTDCGAN_MATERIALIZE_ACT", materialize_act)
-    monkeypatch.setenv("FASTDCGAN_MATERIALIZE_DY", materialize_dy)
+    use_feed(feed, monkeypatch)
+    materialize_act = FEEDS[feed][0]
     prologues, stores_y = record_forward_gemms(monkeypatch)
     train_step_check(nz=8, ngf=4, ndf=4, batch=2, dtype=torch.float32, tol=5e-5)
     # the BatchNorm blocks' forward GEMMs: G's first four, D's middle three; all but G's first
@@ -138,9 +132,7 @@ def test_eval_and_logits_match_reference(monkeypatch):
 @pytest.mark.parametrize("feed", ["prologues", "both-materialized"])   # the two extremes
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 3e-2), (torch.bfloat16, 1e-1)], ids=["tf32", "bf16"])
 def test_full_size_gpu(dtype, tol, feed, monkeypatch):
-    materialize_act, materialize_dy = FEEDS[feed]
-    monkeypatch.setenv("FASTDCGAN_MATERIALIZE_ACT", materialize_act)
-    monkeypatch.setenv("FASTDCGAN_MATERIALIZE_DY", materialize_dy)
+    use_feed(feed, monkeypatch)
     train_step_check(nz=100, ngf=64, ndf=64, batch=32, dtype=dtype, tol=tol)
     # G's eval kernels are the ones the inference benchmark uses; D's eval is checked on the CPU
     eval_check(nz=100, ngf=64, ndf=64, batch=32, dtype=dtype, tol=tol, discriminator=False)
