@@ -207,6 +207,26 @@ def _load_operand(x_ptr, g_ptr, offs, ok, ch, C, s_ptr, b_ptr, ca_ptr, cb_ptr, c
 
 
 @triton.jit
+def _through_act_grad(acc, ey_ptr, optr, omask, ACT: tl.constexpr, slope):
+    # a data gradient carried through the activation of a producer without BatchNorm, whose saved
+    # output ey sits at the output positions optr
+    yp = tl.load(ey_ptr + optr, mask=omask, other=0.0).to(tl.float32)
+    return acc * act_grad(yp, ACT, slope)
+
+
+@triton.jit
+def _store_act(acc, a_ptr, optr, omask, s_ptr, b_ptr, ch, ch_ok, AFFINE: tl.constexpr,
+               ACT: tl.constexpr, slope):
+    # stores act(acc*scale + shift) (the BN folded into per-channel vectors, or no BN)
+    v = acc
+    if AFFINE:
+        v = v * tl.load(s_ptr + ch, mask=ch_ok, other=0.0)[None, :] \
+            + tl.load(b_ptr + ch, mask=ch_ok, other=0.0)[None, :]
+    v = apply_act(v, ACT, slope)
+    tl.store(a_ptr + optr, v.to(a_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
 def conv_gemm_kernel(
     x_ptr, g_ptr, w_ptr, y_ptr, a_ptr,
     ps_ptr, pb_ptr, pca_ptr, pcb_ptr, pcc_ptr,
@@ -272,8 +292,7 @@ def conv_gemm_kernel(
     optr = ((n * (OH * OW) + oh * OW + ow) * COUT)[:, None] + rn[None, :]
     omask = row_ok[:, None] & col_ok[None, :]
     if EPI_GRAD:
-        yp = tl.load(ey_ptr + optr, mask=omask, other=0.0).to(tl.float32)
-        acc = acc * act_grad(yp, EPI_ACT, epi_slope)
+        acc = _through_act_grad(acc, ey_ptr, optr, omask, EPI_ACT, epi_slope)
     if STORE_Y:
         tl.store(y_ptr + optr, acc.to(y_ptr.dtype.element_ty), mask=omask)
     if STATS == 1:
@@ -293,12 +312,8 @@ def conv_gemm_kernel(
         tl.store(st0_ptr + srow * COUT + rn, tl.sum(dz, 0), mask=col_ok)
         tl.store(st1_ptr + srow * COUT + rn, tl.sum(dz * (yp - mu) * r, 0), mask=col_ok)
     if STORE_A:
-        v = acc
-        if EPI_AFFINE:
-            v = v * tl.load(es_ptr + epi_g + rn, mask=col_ok, other=0.0)[None, :] \
-                + tl.load(eb_ptr + epi_g + rn, mask=col_ok, other=0.0)[None, :]
-        v = apply_act(v, EPI_ACT, epi_slope)
-        tl.store(a_ptr + optr, v.to(a_ptr.dtype.element_ty), mask=omask)
+        _store_act(acc, a_ptr, optr, omask, es_ptr + epi_g, eb_ptr + epi_g, rn, col_ok, EPI_AFFINE,
+                   EPI_ACT, epi_slope)
 
 
 @triton.jit
@@ -413,6 +428,84 @@ def tconv_wgrad_kernel(
                      input_precision=DOT_PREC)
     tl.atomic_add(dw_ptr + ((tap * CIN)[None, :] + rk[:, None]) * COUT + co[None, :], acc,
                   mask=k_ok[:, None] & j_ok[None, :], sem="relaxed")
+
+
+@triton.jit
+def tap_gemm_kernel(
+    x_ptr, g_ptr, w_ptr, p_ptr, ps_ptr, pb_ptr, pca_ptr, pcb_ptr, pcc_ptr, M, pro_slope,
+    CIN: tl.constexpr, COUT: tl.constexpr, PRO: tl.constexpr, PRO_AFFINE: tl.constexpr,
+    PRO_ACT: tl.constexpr, W_T: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Input-stationary stride-2 transposed conv with few output channels (G's last layer; the
+    # data gradient of D's first layer), step 1 of 2: each input pixel's contribution to each of
+    # its 16 output pixels (output pixel o = 2i + k - 1 per dim, as in tconv_wgrad_kernel),
+    #     P[m, j] = sum_ci x[m, ci] * W[kh, kw, ci, co],   j = (kh*4 + kw)*COUT + co,
+    # one [pixels, CIN] @ [CIN, 16*COUT] GEMM that reads x (through its prologue) once: the phase
+    # GEMMs read it 16 times (4 taps x 4 phases), in 16-column tiles of which COUT count, and the
+    # operand reads bound them. One program: BLOCK_M input pixels x BLOCK_N columns of fp32 P.
+    # W_T: the data gradient of a conv, whose weight W[kh, kw, co, ci] is read transposed.
+    pid_m = tl.program_id(0)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rm < M
+    rj = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    j_ok = rj < 16 * COUT
+    tap = rj // COUT
+    co = rj % COUT
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, CIN, BLOCK_K):
+        ci = k0 + rk
+        k_ok = ci < CIN
+        a = _load_operand(x_ptr, g_ptr, (rm * CIN)[:, None] + ci[None, :],
+                          row_ok[:, None] & k_ok[None, :], ci, CIN, ps_ptr, pb_ptr, pca_ptr,
+                          pcb_ptr, pcc_ptr, pro_slope, PRO, PRO_AFFINE, PRO_ACT)
+        if W_T:
+            woff = ((tap * COUT + co) * CIN)[None, :] + ci[:, None]
+        else:
+            woff = (tap * (CIN * COUT) + co)[None, :] + (ci * COUT)[:, None]
+        b = tl.load(w_ptr + woff, mask=k_ok[:, None] & j_ok[None, :], other=0.0)
+        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PREC)
+    tl.store(p_ptr + (rm * (16 * COUT))[:, None] + rj[None, :], acc,
+             mask=row_ok[:, None] & j_ok[None, :])
+
+
+@triton.jit
+def tap_sum_kernel(
+    p_ptr, y_ptr, a_ptr, es_ptr, eb_ptr, ey_ptr, NPIX, epi_slope,
+    COUT: tl.constexpr, IH: tl.constexpr, IW: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr,
+    STORE_Y: tl.constexpr, STORE_A: tl.constexpr, EPI_AFFINE: tl.constexpr, EPI_ACT: tl.constexpr,
+    EPI_GRAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Step 2 of 2: out[n, oh, ow, co] = the sum of its 4 contributions in P: output row oh comes
+    # from kernel rows kh = (oh + 1) % 2 and kh + 2 of input rows ih = (oh + 1 - kh) / 2 (the
+    # same for columns); then conv_gemm_kernel's epilogue (no BN statistics). One program:
+    # BLOCK_P output pixels x all COUT channels; P's rows are read once over all programs.
+    rp = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = rp < NPIX
+    co = tl.arange(0, BLOCK_C)
+    c_ok = co < COUT
+    n, _, _, oh, ow = _rows(rp, OH, OW, 0, 0, 0, 1, 1, 0)   # pixel -> (n, oh, ow)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for dh in tl.static_range(2):
+        kh = (oh + 1) % 2 + 2 * dh
+        ih = (oh + 1 - kh) // 2   # even numerator: exact for -1 too
+        for dw in tl.static_range(2):
+            kw = (ow + 1) % 2 + 2 * dw
+            iw = (ow + 1 - kw) // 2
+            ok = p_ok & (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
+            src = ((n * IH + ih) * IW + iw) * (16 * COUT) + (kh * 4 + kw) * COUT
+            acc += tl.load(p_ptr + src[:, None] + co[None, :], mask=ok[:, None] & c_ok[None, :],
+                           other=0.0)
+    optr = (rp * COUT)[:, None] + co[None, :]
+    omask = p_ok[:, None] & c_ok[None, :]
+    if EPI_GRAD:
+        acc = _through_act_grad(acc, ey_ptr, optr, omask, EPI_ACT, epi_slope)
+    if STORE_Y:
+        tl.store(y_ptr + optr, acc.to(y_ptr.dtype.element_ty), mask=omask)
+    if STORE_A:
+        _store_act(acc, a_ptr, optr, omask, es_ptr, eb_ptr, co, c_ok, EPI_AFFINE, EPI_ACT,
+                   epi_slope)
 
 
 @triton.jit
@@ -707,6 +800,41 @@ def _dot_prec(dtype, ktot=None):
     return prec
 
 
+# A stride-2 transposed conv with at most this many output channels (16 taps x 8 = 128 GEMM
+# columns; G's last layer, the data gradient of D's first) runs input-stationary: its forward
+# (tap_gemm_kernel + tap_sum_kernel, from conv_gemm) and its weight gradient (tconv_wgrad_kernel).
+INPUT_STATIONARY_MAX_COUT = 8
+
+
+def _prologue_args(x, pro, bwd, dummy):
+    """(MODE, affine, act, slope, operand, g, [5 vectors]) of a GEMM's A operand: x raw, x through
+    its producer's transform `pro` (Xform), or the BN/activation backward `bwd` (BwdOperand)."""
+    if bwd is not None:
+        pvec = (bwd.scale, bwd.shift, bwd.ca, bwd.cb, bwd.cc) if _affine(bwd) else (dummy,) * 5
+        return 2, _affine(bwd), bwd.act, bwd.slope, bwd.y, bwd.g, pvec
+    if pro is not None:
+        pvec = (pro.scale, pro.shift, dummy, dummy, dummy) if _affine(pro) else (dummy,) * 5
+        return 1, _affine(pro), pro.act, pro.slope, x, x, pvec
+    return 0, False, 0, 0.0, x, x, (dummy,) * 5
+
+
+def _epilogue_args(epi, prod, grad_act, stats, dummy):
+    """(affine, act, slope, [es, eb, em, er, ey]) of conv_gemm_kernel's epilogue: the producer's
+    BN backward sums (stats 2, prod), the gradient through a producer's activation (grad_act),
+    or the output's transform epi (Xform or None)."""
+    if stats == 2:
+        py, ps, pb, pm, pr, e_act, e_slope = prod
+        return True, e_act, e_slope, (ps, pb, pm, pr, py)
+    if grad_act is not None:
+        py, e_act, e_slope = grad_act
+        return False, e_act, e_slope, (dummy, dummy, dummy, dummy, py)
+    if epi is None:
+        return False, 0, 0.0, (dummy,) * 5
+    if not _affine(epi):
+        return False, epi.act, epi.slope, (dummy,) * 5
+    return True, epi.act, epi.slope, (epi.scale, epi.shift, dummy, dummy, dummy)
+
+
 def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, epi=None,
               store_a=False, stats=0, prod=None, grad_act=None, groups=1):
     """Runs conv_gemm_kernel over all phases.
@@ -720,10 +848,22 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
     the gradient through that producer's activation (a data gradient's output). groups: the
     batch is that many groups of images with their own BN vectors ([groups * C] each) and
     partial rows; the row tile shrinks to divide a group's rows.
+    A stride-2 transposed conv with few output channels and no BN statistics runs input-stationary
+    instead (tap_gemm_kernel, tap_sum_kernel).
     """
     src = bwd.y if bwd is not None else x
     nb, ih, iw, cin = src.shape
     dev, dtype = src.device, src.dtype
+    grouped = groups > 1 and bool(stats or _affine(pro) or _affine(bwd) or _affine(epi))
+    mode, p_aff, p_act, p_slope, xin, gin, pvec = _prologue_args(x, pro, bwd, w)
+    e_aff, e_act, e_slope, evec = _epilogue_args(epi, prod, grad_act, stats, w)
+    shape = (nb, geom.oh, geom.ow, cout)
+    y = new_empty(shape, dev, dtype) if store_y else None
+    a = new_empty(shape, dev, dtype) if store_a else None
+    if geom.phw == 2 and cout <= INPUT_STATIONARY_MAX_COUT and not stats and not grouped:
+        _tap_gemm(xin, gin, w, w_t, geom, cout, (mode, p_aff, p_act, p_slope, pvec), y, a,
+                  (e_aff, e_act, e_slope, evec), grad_act is not None)
+        return y, a, None
     m = nb * geom.mh * geom.mw
     # a data gradient without its own tuned tile takes the forward tile of the same geometry (the
     # other network's forward), fitted to its register budget below
@@ -745,7 +885,6 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
         bm = fitted[0][0]
         cands = [(bn, w, s) for m_, bn, w, s in fitted if m_ == bm]
     group_tiles = None
-    grouped = groups > 1 and bool(stats or _affine(pro) or _affine(bwd) or _affine(epi))
     if grouped:
         group_rows = (nb // groups) * geom.mh * geom.mw
         bm = pow2_divisor(group_rows, bm)
@@ -754,9 +893,6 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
                              "of 16 (the smallest row tile)")
         group_tiles = group_rows // bm
     n_mt = cdiv(m, bm)
-    shape = (nb, geom.oh, geom.ow, cout)
-    y = new_empty(shape, dev, dtype) if store_y else None
-    a = new_empty(shape, dev, dtype) if store_a else None
     dummy = w
     st0 = st1 = cnt = dummy
     partials = None
@@ -769,29 +905,6 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
             partials = (st0, st1, cnt)
         else:
             partials = (st0, st1)
-    if bwd is not None:
-        mode, p_aff, p_act, p_slope = 2, bwd.scale is not None, bwd.act, bwd.slope
-        xin, gin = bwd.y, bwd.g
-        pvec = (bwd.scale, bwd.shift, bwd.ca, bwd.cb, bwd.cc) if p_aff else (dummy,) * 5
-    elif pro is not None:
-        mode, p_aff, p_act, p_slope = 1, pro.scale is not None, pro.act, pro.slope
-        xin = gin = x
-        pvec = (pro.scale, pro.shift, dummy, dummy, dummy) if p_aff else (dummy,) * 5
-    else:
-        mode, p_aff, p_act, p_slope = 0, False, 0, 0.0
-        xin = gin = x
-        pvec = (dummy,) * 5
-    if stats == 2:
-        py, ps, pb, pm, pr, e_act, e_slope = prod
-        evec, e_aff = (ps, pb, pm, pr, py), True
-    elif grad_act is not None:
-        py, e_act, e_slope = grad_act
-        evec, e_aff = (dummy, dummy, dummy, dummy, py), False
-    else:
-        e_aff = epi is not None and epi.scale is not None
-        e_act = epi.act if epi is not None else 0
-        e_slope = epi.slope if epi is not None else 0.0
-        evec = (epi.scale, epi.shift, dummy, dummy, dummy) if e_aff else (dummy,) * 5
     args = (xin, gin, w, y if store_y else dummy, a if store_a else dummy, *pvec, *evec,
             st0, st1, cnt, m, group_tiles or n_mt, float(p_slope), float(e_slope))
     consts = dict(**_shape_consts(geom, cin, cout, ih, iw), PRO=mode, PRO_AFFINE=p_aff,
@@ -805,6 +918,40 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
     launch(conv_gemm_kernel, grid, args, consts, tiles,
            key=["M", "CIN", "COUT", "PRO", "STATS", "PHW", "T"])
     return y, a, partials
+
+
+# Output pixels per tap_sum_kernel program: 4 P rows of 16*COUT fp32 gathered per pixel.
+TAP_SUM_BLOCK = 256
+
+
+def _tap_gemm(xin, gin, w, w_t, geom, cout, prologue, y, a, epilogue, epi_grad):
+    """conv_gemm for a stride-2 transposed conv with few output channels, input-stationary: the
+    [pixels, CIN] @ [CIN, 16*COUT] GEMM P (tap_gemm_kernel) and the 4-term sum of each output
+    pixel's contributions with the epilogue (tap_sum_kernel). prologue / epilogue: conv_gemm's
+    (_prologue_args, _epilogue_args) parts; y, a: the outputs (None where not stored)."""
+    nb, ih, iw, cin = xin.shape
+    mode, p_aff, p_act, p_slope, pvec = prologue
+    e_aff, e_act, e_slope, evec = epilogue
+    m = nb * ih * iw
+    p = new_empty((m, 16 * cout), xin.device)
+    bn = next_power_of_2(16 * cout)
+    if INTERPRET:
+        bm, bk, warps, stages = (32 if m <= 1024 else 512), 16, 4, 1
+    else:
+        # one K step for CIN = 64 (the DCGAN's): nothing to pipeline, so 2 stages, leaving
+        # shared memory for several programs per SM
+        bm, bk, warps, stages = 128, _pow2_clamp(cin, 16, 64), 4, 2
+    tap_gemm_kernel[(cdiv(m, bm), cdiv(16 * cout, bn))](
+        xin, gin, w, p, *pvec, m, float(p_slope), CIN=cin, COUT=cout, PRO=mode, PRO_AFFINE=p_aff,
+        PRO_ACT=p_act, W_T=w_t, DOT_PREC=_dot_prec(xin.dtype, cin), BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    npix = nb * geom.oh * geom.ow
+    es, eb, _, _, ey = evec
+    tap_sum_kernel[(cdiv(npix, TAP_SUM_BLOCK),)](
+        p, y if y is not None else p, a if a is not None else p, es, eb, ey, npix, float(e_slope),
+        COUT=cout, IH=ih, IW=iw, OH=geom.oh, OW=geom.ow, STORE_Y=y is not None,
+        STORE_A=a is not None, EPI_AFFINE=e_aff, EPI_ACT=e_act, EPI_GRAD=epi_grad,
+        BLOCK_P=TAP_SUM_BLOCK, BLOCK_C=next_power_of_2(cout), num_warps=4)
 
 
 def conv_wgrad(x, pro, bwd, geom, dw=None, groups=1):
@@ -826,7 +973,7 @@ def conv_wgrad(x, pro, bwd, geom, dw=None, groups=1):
         dw = torch.zeros(4, 4, cin, cout, device=dev, dtype=torch.float32)
     pvec = (pro.scale, pro.shift) if p_aff else (dw, dw)
     qvec = (bwd.scale, bwd.shift, bwd.ca, bwd.cb, bwd.cc) if q_aff else (dw,) * 5
-    if geom.phw == 2 and cout <= TCONV_WGRAD_MAX_COUT and not grouped:
+    if geom.phw == 2 and cout <= INPUT_STATIONARY_MAX_COUT and not grouped:
         return _tconv_wgrad(x, pro, bwd, out_mode, geom, dw, pvec, qvec)
     m = nb * geom.mh * geom.mw
     ktot = geom.t * geom.t * cin
@@ -859,11 +1006,6 @@ def conv_wgrad(x, pro, bwd, geom, dw=None, groups=1):
     launch(conv_wgrad_kernel, lambda meta: grid, args, consts, tiles,
            key=["M", "CIN", "COUT", "PRO", "PHW", "T"], reset=["dw_ptr"])
     return dw
-
-
-# A stride-2 transposed conv with at most this many output channels (16 taps x 8 = 128 GEMM
-# columns) takes the input-stationary weight gradient (tconv_wgrad_kernel).
-TCONV_WGRAD_MAX_COUT = 8
 
 
 def _pixel_split(device, tiles):
