@@ -32,7 +32,10 @@ from gemm_traffic import iterations, operand_bytes  # noqa: E402
 from step_table import FEEDS, set_feed  # noqa: E402
 
 SMS, CLOCK, PEAK = 132, 1.83e9, 989e12   # H100 SXM: SMs, boost clock, dense bf16 FLOP/s
-GEMMS = ("conv_gemm_kernel", "conv_wgrad_kernel", "tconv_wgrad_kernel")
+GEMMS = ("conv_gemm_kernel", "conv_wgrad_kernel", "tconv_wgrad_kernel", "tap_gemm_kernel")
+# memory passes that belong to a GEMM (the input-stationary transposed conv's second step):
+# bounded by their bytes alone, counted with the launch before them
+GEMM_PASSES = ("tap_sum_kernel",)
 
 
 def trace_step(batch):
@@ -75,8 +78,16 @@ def bound(batch, feed, operand_rate):
     set_feed(feed)
     launches, rec = trace_step(batch)
     loop_sass, per_kind, rows = {}, collections.defaultdict(float), []
+    kind = None
     for fn, consts, warps, stages, programs, values in launches:
         name = fn.fn.__name__
+        if name in GEMM_PASSES:
+            seconds = operand_bytes(name, consts, programs, values, 2) / operand_rate
+            per_kind[kind] += seconds
+            rows.append((seconds, f"{name} {kind} {consts['COUT']} channels at "
+                                  f"{consts['OH']}x{consts['OW']}: {programs} programs; "
+                                  f"memory {seconds * 1e6:.1f} us"))
+            continue
         if name not in GEMMS:
             continue
         key = (fn, tuple(sorted(consts.items())), warps, stages)
@@ -85,15 +96,19 @@ def bound(batch, feed, operand_rate):
                         if v[0] is fn and v[2] == consts and v[4] == warps and v[5] == stages)
             loop_sass[key] = cc.compile_one(*spec, loops=True)["loop_sass"]
         bm, bn, bk = consts["BLOCK_M"], consts["BLOCK_N"], consts["BLOCK_K"]
-        kind = ("dgrad" if consts["W_T"] else "forward") if name == "conv_gemm_kernel" else "wgrad"
+        if name in ("conv_gemm_kernel", "tap_gemm_kernel"):
+            kind = "dgrad" if consts["W_T"] else "forward"
+        else:
+            kind = "wgrad"
         steps = iterations(name, consts, values)
         issue = programs * steps * loop_sass[key] * warps / (SMS * 4) / CLOCK
         tensor = programs * steps * 2 * bm * bn * bk / PEAK
         traffic = operand_bytes(name, consts, programs, values, 2) / operand_rate
         seconds = max(issue, tensor, traffic)
         per_kind[kind] += seconds
-        rows.append((seconds, f"{name} {kind} {consts['CIN']}->{consts['COUT']} at "
-                              f"{consts['IH']}x{consts['IW']}: {programs} programs x {steps} "
+        shape = (f"{consts['CIN']}->{consts['COUT']}" +
+                 (f" at {consts['IH']}x{consts['IW']}" if "IH" in consts else ""))
+        rows.append((seconds, f"{name} {kind} {shape}: {programs} programs x {steps} "
                               f"iterations x {loop_sass[key]} SASS; issue {issue * 1e6:.1f} us, "
                               f"tensor {tensor * 1e6:.1f} us, operands {traffic * 1e6:.1f} us"))
     return sum(per_kind.values()), per_kind, rows

@@ -1,5 +1,6 @@
 """benches/gemm_traffic.py (the operand bytes a GEMM launch loads, behind gemm_model.py's operand
 bound and tune_gemm.py's "operand TB/s") against a count by hand, on launches at GPU tiles."""
+import inspect
 import math
 import os
 import sys
@@ -11,6 +12,7 @@ from fastdcgan.kernels.weights import kernel_weights
 from precision import interpreter_only
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benches"))
+import gemm_traffic  # noqa: E402
 import tune_gemm  # noqa: E402
 
 
@@ -34,3 +36,40 @@ def test_operand_bytes_of_a_forward_gemm_and_a_weight_gradient(monkeypatch):
     wbk, _, wbn, _ = ig.wgrad_tiles(rows, 16, cin, cout, torch.float32)
     # every weight tile streams all the pixels' input and dy columns once, whatever the split
     assert got == (16 * cin // wbk) * math.ceil(cout / wbn) * rows * (wbk + wbn) * 4
+
+
+@interpreter_only
+def test_bytes_of_the_input_stationary_transposed_conv(monkeypatch):
+    """G's last layer reads its input once (plus the weight per row tile) and moves its fp32
+    contributions P through memory: stored by tap_gemm_kernel, read back by tap_sum_kernel."""
+    monkeypatch.setattr(ig, "INTERPRET", False)
+    nb, cin, cout, hw = 2, 64, 3, 32
+    launches = {}
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                values = dict(zip(inspect.signature(self.kernel.fn).parameters, args))
+                launches[self.kernel.fn.__name__] = (kw, math.prod(grid), values)
+                return self.kernel[grid](*args, **kw)
+            return run
+
+    monkeypatch.setattr(ig, "tap_gemm_kernel", Spy(ig.tap_gemm_kernel))
+    monkeypatch.setattr(ig, "tap_sum_kernel", Spy(ig.tap_sum_kernel))
+    x = torch.randn(nb, hw, hw, cin)
+    w = kernel_weights([torch.randn(cin, cout, 4, 4)], [True], torch.float32)[0]
+    geom = ig.make_geom(True, 2, 1, hw, hw, 2 * hw, 2 * hw)
+    ig.conv_gemm(x, w, geom, cout, epi=ig.Xform(None, None, 3, 0.0), store_a=True)
+    pixels = nb * hw * hw
+    consts, programs, values = launches["tap_gemm_kernel"]
+    bm, bn, bk = consts["BLOCK_M"], consts["BLOCK_N"], consts["BLOCK_K"]
+    assert programs == pixels // bm and bn == 64 and bk == cin
+    want = pixels * cin * 4 + programs * bk * bn * 4 + pixels * 16 * cout * 4
+    assert gemm_traffic.operand_bytes("tap_gemm_kernel", consts, programs, values, 4) == want
+    consts, programs, values = launches["tap_sum_kernel"]
+    # every output reads its 4 fp32 contributions and stores y and tanh(y)
+    want = 4 * pixels * cout * (4 * 4 + 2 * 4)
+    assert gemm_traffic.operand_bytes("tap_sum_kernel", consts, programs, values, 4) == want
