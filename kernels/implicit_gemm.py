@@ -600,9 +600,12 @@ def wgrad_tiles(m_rows, taps, cin, cout, dtype):
     reduction streams BLOCK_M rows per step (64, or 32 as the tuning alternative). H100: the fp32
     64 x 128 tile with [64 x 64] + [64 x 128] operands needs ~70 KB of shared memory per stage
     (operands plus the transposed copy), so 2 stages (3 measured 213 KB: one CTA per SM);
-    bf16 tiles take 128 weight rows and 4 stages. Flat K (Cin = 3: 48 weight rows; nz = 100)
-    takes all its rows in as few tiles as the widest allows, at least 64: each K tile re-reads
-    all of dy, and wgmma needs 64 rows (a 16- or 32-row tile runs on mma.sync)."""
+    bf16 tiles take 128 weight rows and 4 stages. Flat K (Cin = 3: 48 weight rows; nz = 100) and
+    channel counts under the widest tile (D1's Cin = 64 in bf16: 2 taps per tile) take their rows
+    in as few tiles as the widest allows, at least 64: each K tile re-reads all of dy (the bytes
+    bound these GEMMs: benches/gemm_model.py), and wgmma needs 64 rows (a 16- or 32-row tile runs
+    on mma.sync). Such a tile decodes (tap, ci) per k, which costs the main loop next to nothing
+    with Cin a compile-time power of two (compile_check --loops: 193 SASS against 191)."""
     widest = 64 if dtype == torch.float32 else 128
     if INTERPRET:
         if m_rows <= 1024:
@@ -610,8 +613,8 @@ def wgrad_tiles(m_rows, taps, cin, cout, dtype):
         bk, aligned = _k_block(cin, 64)
         return bk, aligned, _pow2_clamp(cout, 16, 64), [(512, 4, 1)]
     bk, aligned = _k_block(cin, widest)
-    if not aligned:
-        bk = _pow2_clamp(taps * cin, 64, widest)
+    if not aligned or bk < widest <= taps * cin:
+        bk, aligned = _pow2_clamp(taps * cin, 64, widest), False
     bn = _pow2_clamp(cout, 16, 128)
     stages = 2 if dtype == torch.float32 else 4
     warps = 8 if bk * bn >= 64 * 128 else 4
