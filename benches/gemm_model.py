@@ -15,7 +15,7 @@ benches/tune_gemm.py's "operand TB/s" column): a measured rate, not the L2's pea
 A model, not a measurement: it ignores latencies and launch gaps, so use it to compare kernels,
 tiles and feeds, and the GPU (benches/step_table.py, profile_step.py) for times.
 
-    python benches/gemm_model.py [--batch 128] [--top 8] [--operand-tbps 3]
+    python benches/gemm_model.py [--batch 128] [--top 8] [--operand-tbps 3] [--inference]
 """
 import argparse
 import collections
@@ -38,9 +38,10 @@ GEMMS = ("conv_gemm_kernel", "conv_wgrad_kernel", "tconv_wgrad_kernel", "tap_gem
 GEMM_PASSES = ("tap_sum_kernel",)
 
 
-def trace_step(batch):
-    """[(JITFunction, constexprs, warps, stages, grid, arguments)] of one bf16 step's launches,
-    and the compile_check recorder holding their specializations."""
+def trace_step(batch, inference=False):
+    """[(JITFunction, constexprs, warps, stages, grid, arguments)] of one bf16 step's launches (of
+    the Generator's inference: eval mode, no gradient), and the compile_check recorder holding
+    their specializations."""
     from fastdcgan import Discriminator, Generator, ops
     from fastdcgan.kernels import implicit_gemm
 
@@ -62,6 +63,10 @@ def trace_step(batch):
         G = Generator(backend="triton").to(torch.bfloat16)
         D = Discriminator(backend="triton").to(torch.bfloat16)
         z = torch.randn(batch, 100, 1, 1, dtype=torch.bfloat16)
+        if inference:
+            with torch.no_grad():
+                G.eval()(z)
+            return launches, rec
         real = torch.randn(batch, 3, 64, 64, dtype=torch.bfloat16)
         fake = G(z)
         D.logits(torch.cat([real, fake.detach()]), groups=2).float().sum().backward()
@@ -72,11 +77,11 @@ def trace_step(batch):
     return launches, rec
 
 
-def bound(batch, feed, operand_rate):
+def bound(batch, feed, operand_rate, inference=False):
     """(total seconds, {kind: seconds}, [(seconds, description)]) for the feed, operands moving at
-    operand_rate bytes/s."""
+    operand_rate bytes/s (inference: of the Generator's inference, which has one feed)."""
     set_feed(feed)
-    launches, rec = trace_step(batch)
+    launches, rec = trace_step(batch, inference)
     loop_sass, per_kind, rows = {}, collections.defaultdict(float), []
     kind = None
     for fn, consts, warps, stages, programs, values in launches:
@@ -120,7 +125,17 @@ def main():
     p.add_argument("--top", type=int, default=8, help="the most expensive launches listed per feed")
     p.add_argument("--operand-tbps", type=float, default=3.0,
                    help="the rate (TB/s) at which the GEMMs load their operand tiles")
+    p.add_argument("--inference", action="store_true",
+                   help="the Generator's inference (eval mode: BN folded into the epilogues, each "
+                        "activation materialized) instead of a training step")
     args = p.parse_args()
+    if args.inference:
+        total, _, rows = bound(args.batch, "both", args.operand_tbps * 1e12, inference=True)
+        print(f"Generator inference, B={args.batch} bf16, operands at {args.operand_tbps:g} TB/s: "
+              f"GEMM bound {total * 1e3:.3f} ms")
+        for seconds, what in sorted(rows, reverse=True)[:args.top]:
+            print(f"  {seconds * 1e6:6.1f} us  {what}")
+        return
     print(f"| feed (B={args.batch} bf16, operands at {args.operand_tbps:g} TB/s) | GEMM bound ms | "
           "forward | data gradient | weight gradient |")
     print("|---|---|---|---|---|")
