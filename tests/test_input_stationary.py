@@ -130,6 +130,17 @@ def dgrad_case(b, cin_fwd, cout_fwd, hw, bwd_kind, through):
     return [(y, ref)]
 
 
+def check_input_stationary(run_case, case, monkeypatch):
+    """run_case(*case)'s outputs match their float64 references (exact fp32 dot), and conv_gemm
+    ran them input-stationary."""
+    monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
+    launches = Launches(monkeypatch)
+    for got, want in run_case(*case):
+        assert got.shape == want.shape
+        assert rel_err(got, want) < 1e-5
+    assert launches.names == ["tap_gemm_kernel"]
+
+
 FORWARD = [  # (batch, cin, cout, hw, producer activation applied in the prologue, epilogue)
     (2, 8, 3, 8, None, "tanh"),            # G's last layer, activation materialized
     (2, 8, 3, 8, "relu", "tanh"),          # ... through its producer's BN + ReLU
@@ -148,23 +159,13 @@ DGRAD = [  # (batch, conv cin, conv cout, conv input hw, dy feed, producer activ
 @pytest.mark.parametrize("case", FORWARD, ids=lambda c: "b{}_{}to{}_{}x{}_{}_{}".format(
     c[0], c[1], c[2], c[3], c[3], c[4] or "raw", c[5]))
 def test_forward(case, monkeypatch):
-    monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
-    launches = Launches(monkeypatch)
-    for got, want in forward_case(*case):
-        assert got.shape == want.shape
-        assert rel_err(got, want) < 1e-5
-    assert launches.names == ["tap_gemm_kernel"]
+    check_input_stationary(forward_case, case, monkeypatch)
 
 
 @pytest.mark.parametrize("case", DGRAD, ids=lambda c: "b{}_{}to{}_{}x{}_{}_{}".format(
     c[0], c[1], c[2], c[3], c[3], c[4], c[5] or "none"))
 def test_data_gradient(case, monkeypatch):
-    monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
-    launches = Launches(monkeypatch)
-    for got, want in dgrad_case(*case):
-        assert got.shape == want.shape
-        assert rel_err(got, want) < 1e-5
-    assert launches.names == ["tap_gemm_kernel"]
+    check_input_stationary(dgrad_case, case, monkeypatch)
 
 
 def test_batchnorm_statistics_take_the_phase_gemms(monkeypatch):
