@@ -26,6 +26,11 @@ weight is ever repacked per phase or per direction.
 Operand prologues (MODE): 0 raw; 1 a = act(x*scale + shift) (the producer's BN-apply and activation,
 so a whole network runs on raw conv outputs); 2 dy = A*g*act'(y*scale + shift) + B*y + C (the BN +
 activation backward, from the saved conv output y and the incoming gradient g).
+
+A stride-2 transposed conv with few output channels (G's last layer, D's first layer's data
+gradient; INPUT_STATIONARY_MAX_COUT) is not phase GEMMs but input-stationary: a GEMM over the
+input pixels producing each pixel's 16 taps' contributions, summed per output pixel by a second
+pass (tap_gemm_kernel, tap_sum_kernel; its weight gradient likewise: tconv_wgrad_kernel).
 """
 import json
 import os
