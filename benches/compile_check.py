@@ -135,7 +135,8 @@ def _usage(cubin):
 
 def main_loop_sass(cubin):
     """SASS instructions in the kernel's largest loop (a GEMM's K loop, or the weight gradient's
-    pixel loop): the span between the longest backward branch and its target."""
+    pixel loop): the span between the longest backward branch and its target; without a loop (a
+    GEMM of one K step), the whole kernel's."""
     ins = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", _cuobjdump(cubin, "-sass"))
     index = {int(a, 16): i for i, (a, _) in enumerate(ins)}
     best = 0
@@ -143,7 +144,7 @@ def main_loop_sass(cubin):
         m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if m and int(m.group(1), 16) < int(a, 16) and int(m.group(1), 16) in index:
             best = max(best, i - index[int(m.group(1), 16)] + 1)
-    return best
+    return best or len(ins)
 
 
 def compile_one(fn, sig, consts, div16, num_warps, num_stages, loops=False):
