@@ -863,14 +863,15 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
     nb, ih, iw, cin = src.shape
     dev, dtype = src.device, src.dtype
     grouped = groups > 1 and bool(stats or _affine(pro) or _affine(bwd) or _affine(epi))
-    mode, p_aff, p_act, p_slope, xin, gin, pvec = _prologue_args(x, pro, bwd, w)
-    e_aff, e_act, e_slope, evec = _epilogue_args(epi, prod, grad_act, stats, w)
+    dummy = w   # stands in for the pointers a specialization does not read
+    mode, p_aff, p_act, p_slope, xin, gin, pvec = _prologue_args(x, pro, bwd, dummy)
+    e_aff, e_act, e_slope, evec = _epilogue_args(epi, prod, grad_act, stats, dummy)
     shape = (nb, geom.oh, geom.ow, cout)
     y = new_empty(shape, dev, dtype) if store_y else None
     a = new_empty(shape, dev, dtype) if store_a else None
     if geom.phw == 2 and cout <= INPUT_STATIONARY_MAX_COUT and not stats and not grouped:
-        _tap_gemm(xin, gin, w, w_t, geom, cout, (mode, p_aff, p_act, p_slope, pvec), y, a,
-                  (e_aff, e_act, e_slope, evec), grad_act is not None)
+        _tconv_input_stationary(xin, gin, w, w_t, geom, cout, (mode, p_aff, p_act, p_slope, pvec),
+                                y, a, (e_aff, e_act, e_slope, evec), grad_act is not None)
         return y, a, None
     m = nb * geom.mh * geom.mw
     # a data gradient without its own tuned tile takes the forward tile of the same geometry (the
@@ -901,7 +902,6 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
                              "of 16 (the smallest row tile)")
         group_tiles = group_rows // bm
     n_mt = cdiv(m, bm)
-    dummy = w
     st0 = st1 = cnt = dummy
     partials = None
     if stats:
@@ -932,7 +932,8 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
 TAP_SUM_BLOCK = 256
 
 
-def _tap_gemm(xin, gin, w, w_t, geom, cout, prologue, y, a, epilogue, epi_grad):
+def _tconv_input_stationary(xin, gin, w, w_t, geom, cout, prologue, y, a, epilogue,
+                            epi_grad):
     """conv_gemm for a stride-2 transposed conv with few output channels, input-stationary: the
     [pixels, CIN] @ [CIN, 16*COUT] GEMM P (tap_gemm_kernel) and the 4-term sum of each output
     pixel's contributions with the epilogue (tap_sum_kernel). prologue / epilogue: conv_gemm's
