@@ -35,6 +35,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+from gemm_traffic import mma_columns  # noqa: E402
+
 TARGET = GPUTarget("cuda", 90, 32)
 SMEM_LIMIT = 232448   # bytes of shared memory per block on an H100
 _TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
@@ -161,7 +163,7 @@ def compile_one(fn, sig, consts, div16, num_warps, num_stages, loops=False):
 
 def _short(consts):
     keep = ("PRO", "OUT_MODE", "STATS", "EPI_GRAD", "GROUPED", "PHW", "T", "ALIGNED", "W_T",
-            "DOT_PREC", "BLOCK_M", "BLOCK_N", "BLOCK_K", "MODE", "TRAINING", "ACCUMULATE")
+            "DOT_PREC", "PAIR", "BLOCK_M", "BLOCK_N", "BLOCK_K", "MODE", "TRAINING", "ACCUMULATE")
     return " ".join(f"{k}={v}" for k, v in consts.items() if k in keep)
 
 
@@ -199,8 +201,9 @@ def main():
                   f"wgmma={r['wgmma']} {note}")
         if r["loop_sass"]:
             # one iteration: a BLOCK_M x BLOCK_N x BLOCK_K slab of multiply-adds (the weight
-            # gradient's tile is BLOCK_K x BLOCK_N, its step BLOCK_M pixels: the same product)
-            flop = 2 * consts["BLOCK_M"] * consts["BLOCK_N"] * consts["BLOCK_K"]
+            # gradient's tile is BLOCK_K x BLOCK_N, its step BLOCK_M pixels: the same product;
+            # paired taps: two slabs)
+            flop = 2 * consts["BLOCK_M"] * mma_columns(consts) * consts["BLOCK_K"]
             loops.append((r["loop_sass"] * warps / flop, r["loop_sass"], tag))
     print(f"{errors} kernel(s) failing to compile or over the shared memory, {spilling} spilling, "
           f"of {len(launches)}")

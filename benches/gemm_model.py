@@ -5,7 +5,7 @@ backward into D's weights; D on the fakes, backward into G) with the launches re
 of run, compiles each GEMM specialization for sm_90 (benches/compile_check.py), counts its
 main-loop SASS, and bounds each launch by the largest of
     issue time   = programs x iterations x loop instructions x warps / (132 SMs x 4 per cycle)
-    tensor time  = programs x iterations x 2*BLOCK_M*BLOCK_N*BLOCK_K / 989 TFLOPS
+    tensor time  = programs x iterations x 2*BLOCK_M*columns*BLOCK_K / 989 TFLOPS
     operand time = operand bytes / --operand-tbps (default 3 TB/s)
 where the operand bytes are what the programs load tile by tile (gemm_traffic.py: each program
 reads its A and B tiles every K step from L2, cp.async.cg bypassing L1, so an implicit GEMM
@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import compile_check as cc  # noqa: E402
-from gemm_traffic import iterations, operand_bytes  # noqa: E402
+from gemm_traffic import iterations, mma_columns, operand_bytes  # noqa: E402
 from step_table import FEEDS, set_feed  # noqa: E402
 
 SMS, CLOCK, PEAK = 132, 1.83e9, 989e12   # H100 SXM: SMs, boost clock, dense bf16 FLOP/s
@@ -100,7 +100,7 @@ def bound(batch, feed, operand_rate, inference=False):
             spec = next(v for v in rec.launches.values()
                         if v[0] is fn and v[2] == consts and v[4] == warps and v[5] == stages)
             loop_sass[key] = cc.compile_one(*spec, loops=True)["loop_sass"]
-        bm, bn, bk = consts["BLOCK_M"], consts["BLOCK_N"], consts["BLOCK_K"]
+        bm, bn, bk = consts["BLOCK_M"], mma_columns(consts), consts["BLOCK_K"]
         if name in ("conv_gemm_kernel", "tap_gemm_kernel"):
             kind = "dgrad" if consts["W_T"] else "forward"
         else:

@@ -12,12 +12,20 @@ import math
 
 
 def iterations(name, consts, values):
-    """Main-loop iterations per program: K steps (conv_gemm), pixel steps (weight gradients)."""
+    """Main-loop iterations per program: K steps (conv_gemm: over the row taps only when the
+    column taps are paired), pixel steps (weight gradients)."""
     if name == "conv_gemm_kernel":
-        return math.ceil(consts["T"] ** 2 * consts["CIN"] / consts["BLOCK_K"])
+        taps = 2 if consts.get("PAIR") else consts["T"] ** 2
+        return math.ceil(taps * consts["CIN"] / consts["BLOCK_K"])
     if name == "tap_gemm_kernel":
         return math.ceil(consts["CIN"] / consts["BLOCK_K"])
     return math.ceil(values["M_SPLIT"] / consts["BLOCK_M"])
+
+
+def mma_columns(consts):
+    """Accumulator columns of a GEMM program: BLOCK_N, twice that with paired column taps (two
+    [BLOCK_K, BLOCK_N] weight tiles per K step, one per tap)."""
+    return consts["BLOCK_N"] * (2 if consts.get("PAIR") else 1)
 
 
 def operand_bytes(name, consts, programs, values, elem_bytes):
@@ -27,7 +35,7 @@ def operand_bytes(name, consts, programs, values, elem_bytes):
     if name == "tap_sum_kernel":   # 4 fp32 contributions per output, the outputs and EPI_GRAD's y
         outputs = consts["STORE_Y"] + consts["STORE_A"] + consts["EPI_GRAD"]
         return values["NPIX"] * consts["COUT"] * (4 * 4 + outputs * elem_bytes)
-    bm, bn, bk = consts["BLOCK_M"], consts["BLOCK_N"], consts["BLOCK_K"]
+    bm, bn, bk = consts["BLOCK_M"], mma_columns(consts), consts["BLOCK_K"]
     if name in ("conv_gemm_kernel", "tap_gemm_kernel"):
         per_step = bm * bk * (2 if consts["PRO"] == 2 else 1) + bk * bn
     else:

@@ -232,6 +232,41 @@ def _store_act(acc, a_ptr, optr, omask, s_ptr, b_ptr, ch, ch_ok, AFFINE: tl.cons
 
 
 @triton.jit
+def _paired_taps(x_ptr, g_ptr, w_ptr, ps_ptr, pb_ptr, pca_ptr, pcb_ptr, pcc_ptr, pro_slope,
+                 xrow, ih0, mw, row_ok, rk, rn, col_ok, ph, pw,
+                 CIN: tl.constexpr, COUT: tl.constexpr, IH: tl.constexpr, IW: tl.constexpr,
+                 MW: tl.constexpr, PRO: tl.constexpr, PRO_AFFINE: tl.constexpr,
+                 PRO_ACT: tl.constexpr, TSTEP: tl.constexpr, W_T: tl.constexpr,
+                 DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    # The accumulator of phase (ph, pw) of a stride-2 transposed conv whose two column taps share
+    # one A tile: the input columns mw of the tile's rows (K = 2 row taps x CIN). Column tap
+    # tw = pw reads exactly those ("same"); tap 1 - pw reads column mw + s, s = 2*pw - 1, so its
+    # products belong to the row s further on: its accumulator moves by s rows before the sum.
+    # The move stays inside the tile (BLOCK_M is a multiple of MW; the rows it would take from
+    # outside an image row are the zero padding). The input is read 8 times, not 16 (2 row taps x
+    # 4 phases), at the price of a [BLOCK_M, 2*BLOCK_N] accumulator and one gather per tile.
+    acc_same = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_shift = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, 2 * CIN, BLOCK_K):
+        offs, ok, ci, th = _im2col(k0, rk, xrow, ih0, mw, row_ok, CIN, IH, IW, 2 * CIN, 1, TSTEP,
+                                   True)
+        a = _load_operand(x_ptr, g_ptr, offs, ok, ci, CIN, ps_ptr, pb_ptr, pca_ptr, pcb_ptr,
+                          pcc_ptr, pro_slope, PRO, PRO_AFFINE, PRO_ACT)
+        b_same = tl.load(w_ptr + _weight_offsets(th * 2 + pw, ci, rn, ph, pw, CIN, COUT, 2, 2, W_T),
+                         mask=col_ok[None, :], other=0.0)
+        b_shift = tl.load(w_ptr + _weight_offsets(th * 2 + 1 - pw, ci, rn, ph, pw, CIN, COUT, 2, 2,
+                                                  W_T), mask=col_ok[None, :], other=0.0)
+        a = a.to(b_same.dtype)
+        acc_same = tl.dot(a, b_same, acc_same, input_precision=DOT_PREC)
+        acc_shift = tl.dot(a, b_shift, acc_shift, input_precision=DOT_PREC)
+    s = 2 * pw - 1
+    src = tl.minimum(tl.maximum(tl.arange(0, BLOCK_M) + s, 0), BLOCK_M - 1)
+    moved = tl.gather(acc_shift, tl.broadcast_to(src[:, None], [BLOCK_M, BLOCK_N]), 0)
+    return acc_same + tl.where(((mw + s >= 0) & (mw + s < MW))[:, None], moved, 0.0)
+
+
+@triton.jit
 def conv_gemm_kernel(
     x_ptr, g_ptr, w_ptr, y_ptr, a_ptr,
     ps_ptr, pb_ptr, pca_ptr, pcb_ptr, pcc_ptr,
@@ -245,7 +280,7 @@ def conv_gemm_kernel(
     STATS: tl.constexpr, EPI_GRAD: tl.constexpr, GROUPED: tl.constexpr,
     PHW: tl.constexpr, T: tl.constexpr, IS: tl.constexpr, OS: tl.constexpr, PIN: tl.constexpr,
     TSTEP: tl.constexpr, ALIGNED: tl.constexpr, W_T: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One program: a [BLOCK_M output pixels, BLOCK_N output channels] tile of one phase, K looped
     # in BLOCK_K steps. Grid (column tiles, phases, row tiles), scheduled axis 0 fastest: the
@@ -262,6 +297,8 @@ def conv_gemm_kernel(
     # phase are GROUP_TILES whole row tiles, so the tile's group is a scalar; it selects the
     # [group, C] rows of the prologue's and epilogue's BN vectors, and the partial rows are
     # ordered (group, phase, tile) so that bn_finalize reads each group's rows together.
+    # PAIR (stride-2 transposed conv, BLOCK_M a multiple of MW): the phase's two column taps
+    # share their A tiles (_paired_taps).
     pid_n = tl.program_id(0)
     phase = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -282,17 +319,23 @@ def conv_gemm_kernel(
     rk = tl.arange(0, BLOCK_K)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = rn < COUT
-    KTOT = T * T * CIN
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, KTOT, BLOCK_K):
-        offs, ok, ci, tap = _im2col(k0, rk, xrow, ih0, iw0, row_ok, CIN, IH, IW, KTOT, T, TSTEP,
-                                    ALIGNED)
-        a = _load_operand(x_ptr, g_ptr, offs, ok, ci, CIN, ps_ptr + pro_g, pb_ptr + pro_g,
-                          pca_ptr + pro_g, pcb_ptr + pro_g, pcc_ptr + pro_g, pro_slope, PRO,
-                          PRO_AFFINE, PRO_ACT)
-        b = tl.load(w_ptr + _weight_offsets(tap, ci, rn, ph, pw, CIN, COUT, PHW, T, W_T),
-                    mask=(k0 + rk < KTOT)[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PREC)
+    if PAIR:
+        acc = _paired_taps(x_ptr, g_ptr, w_ptr, ps_ptr + pro_g, pb_ptr + pro_g, pca_ptr + pro_g,
+                           pcb_ptr + pro_g, pcc_ptr + pro_g, pro_slope, xrow, ih0, iw0 - pw,
+                           row_ok, rk, rn, col_ok, ph, pw, CIN, COUT, IH, IW, MW, PRO, PRO_AFFINE,
+                           PRO_ACT, TSTEP, W_T, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        KTOT = T * T * CIN
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, KTOT, BLOCK_K):
+            offs, ok, ci, tap = _im2col(k0, rk, xrow, ih0, iw0, row_ok, CIN, IH, IW, KTOT, T,
+                                        TSTEP, ALIGNED)
+            a = _load_operand(x_ptr, g_ptr, offs, ok, ci, CIN, ps_ptr + pro_g, pb_ptr + pro_g,
+                              pca_ptr + pro_g, pcb_ptr + pro_g, pcc_ptr + pro_g, pro_slope, PRO,
+                              PRO_AFFINE, PRO_ACT)
+            b = tl.load(w_ptr + _weight_offsets(tap, ci, rn, ph, pw, CIN, COUT, PHW, T, W_T),
+                        mask=(k0 + rk < KTOT)[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PREC)
 
     optr = ((n * (OH * OW) + oh * OW + ow) * COUT)[:, None] + rn[None, :]
     omask = row_ok[:, None] & col_ok[None, :]
@@ -814,6 +857,19 @@ def _dot_prec(dtype, ktot=None):
 INPUT_STATIONARY_MAX_COUT = 8
 
 
+# The data gradient pairs a transposed conv's column taps (conv_gemm_kernel PAIR) only up to this
+# many output channels: its [BLOCK_M, 2*BLOCK_N] accumulator must fit ACC_REGS[2] (128 x 2*64 with
+# 8 warps); wider, the pairs would halve BLOCK_M, and the weight re-reads that adds cost as much as
+# the input reads the pairs save.
+PAIR_DGRAD_MAX_COUT = 64
+
+
+def tap_pairs():
+    """FASTDCGAN_TAP_PAIRS, 1 by default (read at each call): stride-2 transposed convs run their
+    phases' two column taps from one A tile (conv_gemm_kernel PAIR); 0 keeps one tap per K step."""
+    return os.environ.get("FASTDCGAN_TAP_PAIRS", "1") != "0"
+
+
 def _prologue_args(x, pro, bwd, dummy):
     """(MODE, affine, act, slope, operand, g, [5 vectors]) of a GEMM's A operand: x raw, x through
     its producer's transform `pro` (Xform), or the BN/activation backward `bwd` (BwdOperand)."""
@@ -857,7 +913,8 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
     batch is that many groups of images with their own BN vectors ([groups * C] each) and
     partial rows; the row tile shrinks to divide a group's rows.
     A stride-2 transposed conv with few output channels and no BN statistics runs input-stationary
-    instead (tap_gemm_kernel, tap_sum_kernel).
+    instead (tap_gemm_kernel, tap_sum_kernel); the others pair their column taps where tap_pairs()
+    and their tile allow.
     """
     src = bwd.y if bwd is not None else x
     nb, ih, iw, cin = src.shape
@@ -885,14 +942,18 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
     else:
         bm, bk, aligned, cands = gemm_tiles(m * geom.phases, geom.mh * geom.mw * geom.phases, cin,
                                             cout, dtype)
+    pair = (geom.phw == 2 and aligned and (not w_t or cout <= PAIR_DGRAD_MAX_COUT)
+            and tap_pairs())
     if not INTERPRET:
         # the data gradient (w_t: with the BN-backward prologue, or reading a materialized dy,
         # and the producer's BN-backward sums in its epilogue) also keeps its pipeline at 3
-        # stages (compile_check: 56 B/thread of spills at 4 stages for 128x64 with 4 warps)
-        fitted = [_fit_registers(bm, bn, w, ACC_REGS[2 if w_t else 1]) + (min(s, 3) if w_t else s,)
-                  for bn, w, s in cands]
+        # stages (compile_check: 56 B/thread of spills at 4 stages for 128x64 with 4 warps);
+        # paired taps hold two accumulators
+        width = 2 if pair else 1
+        fitted = [_fit_registers(bm, bn * width, w, ACC_REGS[2 if w_t else 1])
+                  + (min(s, 3) if w_t else s,) for bn, w, s in cands]
         bm = fitted[0][0]
-        cands = [(bn, w, s) for m_, bn, w, s in fitted if m_ == bm]
+        cands = [(bn // width, w, s) for m_, bn, w, s in fitted if m_ == bm]
     group_tiles = None
     if grouped:
         group_rows = (nb // groups) * geom.mh * geom.mw
@@ -901,6 +962,7 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
             raise ValueError(f"a batch group's {group_rows} GEMM rows per phase are not a multiple "
                              "of 16 (the smallest row tile)")
         group_tiles = group_rows // bm
+    pair = pair and bm % geom.mw == 0   # a row tile of whole image rows
     n_mt = cdiv(m, bm)
     st0 = st1 = cnt = dummy
     partials = None
@@ -920,11 +982,11 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
                   STATS=stats, EPI_GRAD=grad_act is not None, GROUPED=grouped, PHW=geom.phw,
                   T=geom.t, IS=geom.in_s, OS=geom.out_s, PIN=geom.pin, TSTEP=geom.tstep,
                   ALIGNED=aligned, W_T=w_t, DOT_PREC=_dot_prec(dtype, geom.t * geom.t * cin),
-                  BLOCK_M=bm, BLOCK_K=bk)
+                  PAIR=pair, BLOCK_M=bm, BLOCK_K=bk)
     tiles = [({"BLOCK_N": bn}, w, s) for bn, w, s in cands]
     grid = lambda meta: (cdiv(cout, meta["BLOCK_N"]), geom.phases, n_mt)  # noqa: E731
     launch(conv_gemm_kernel, grid, args, consts, tiles,
-           key=["M", "CIN", "COUT", "PRO", "STATS", "PHW", "T"])
+           key=["M", "CIN", "COUT", "PRO", "STATS", "PHW", "T", "PAIR"])
     return y, a, partials
 
 

@@ -73,3 +73,27 @@ def test_bytes_of_the_input_stationary_transposed_conv(monkeypatch):
     # every output reads its 4 fp32 contributions and stores y and tanh(y)
     want = 4 * pixels * cout * (4 * 4 + 2 * 4)
     assert gemm_traffic.operand_bytes("tap_sum_kernel", consts, programs, values, 4) == want
+
+
+@interpreter_only
+def test_paired_column_taps_read_a_transposed_convs_input_8_times(monkeypatch):
+    """A stride-2 transposed conv's phase GEMMs with paired column taps: each phase reads the
+    input once per row tap (8 times in all, not 16) and both taps' weight tiles per K step."""
+    monkeypatch.setattr(ig, "INTERPRET", False)
+    monkeypatch.setattr(ig, "_num_sms", lambda device: 132)
+    seen = []
+    launch_one = ig._launch_one
+    monkeypatch.setattr(ig, "_launch_one", lambda kernel, grid, args, consts, cfg: (
+        seen.append({**consts, **cfg.kwargs}), launch_one(kernel, grid, args, consts, cfg))[1])
+    nb, cin, cout, hw = 2, 64, 64, 8   # G's third layer's shape at a narrow width: 8x8 -> 16x16
+    x = torch.randn(nb, hw, hw, cin)
+    w = kernel_weights([torch.randn(cin, cout, 4, 4)], [True], torch.float32)[0]
+    geom = ig.make_geom(True, 2, 1, hw, hw, 2 * hw, 2 * hw)
+    got = tune_gemm._run_measuring_operands(lambda: ig.conv_gemm(x, w, geom, cout, stats=1))
+    consts = seen[-1]
+    bm, bn, bk = consts["BLOCK_M"], consts["BLOCK_N"], consts["BLOCK_K"]
+    assert consts["PAIR"] and bm == nb * hw * hw and bn == cout
+    programs, steps = 4, 2 * cin // bk   # one row tile per phase; K: 2 row taps x cin
+    assert got == programs * steps * (bm * bk + 2 * bk * bn) * 4
+    weight_bytes = programs * steps * 2 * bk * bn * 4
+    assert got - weight_bytes == 8 * x.numel() * 4
