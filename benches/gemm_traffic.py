@@ -12,10 +12,10 @@ import math
 
 
 def iterations(name, consts, values):
-    """Main-loop iterations per program: K steps (conv_gemm: over the row taps only when the
-    column taps are paired), pixel steps (weight gradients)."""
+    """Main-loop iterations per program: K steps (conv_gemm: one per pair of column taps when
+    they are paired), pixel steps (weight gradients)."""
     if name == "conv_gemm_kernel":
-        taps = 2 if consts.get("PAIR") else consts["T"] ** 2
+        taps = consts["T"] ** 2 // (2 if consts.get("PAIR") else 1)
         return math.ceil(taps * consts["CIN"] / consts["BLOCK_K"])
     if name == "tap_gemm_kernel":
         return math.ceil(consts["CIN"] / consts["BLOCK_K"])

@@ -232,38 +232,68 @@ def _store_act(acc, a_ptr, optr, omask, s_ptr, b_ptr, ch, ch_ok, AFFINE: tl.cons
 
 
 @triton.jit
-def _paired_taps(x_ptr, g_ptr, w_ptr, ps_ptr, pb_ptr, pca_ptr, pcb_ptr, pcc_ptr, pro_slope,
-                 xrow, ih0, mw, row_ok, rk, rn, col_ok, ph, pw,
-                 CIN: tl.constexpr, COUT: tl.constexpr, IH: tl.constexpr, IW: tl.constexpr,
-                 MW: tl.constexpr, PRO: tl.constexpr, PRO_AFFINE: tl.constexpr,
-                 PRO_ACT: tl.constexpr, TSTEP: tl.constexpr, W_T: tl.constexpr,
-                 DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    # The accumulator of phase (ph, pw) of a stride-2 transposed conv whose two column taps share
-    # one A tile: the input columns mw of the tile's rows (K = 2 row taps x CIN). Column tap
-    # tw = pw reads exactly those ("same"); tap 1 - pw reads column mw + s, s = 2*pw - 1, so its
-    # products belong to the row s further on: its accumulator moves by s rows before the sum.
-    # The move stays inside the tile (BLOCK_M is a multiple of MW; the rows it would take from
-    # outside an image row are the zero padding). The input is read 8 times, not 16 (2 row taps x
-    # 4 phases), at the price of a [BLOCK_M, 2*BLOCK_N] accumulator and one gather per tile.
-    acc_same = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_shift = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, 2 * CIN, BLOCK_K):
-        offs, ok, ci, th = _im2col(k0, rk, xrow, ih0, mw, row_ok, CIN, IH, IW, 2 * CIN, 1, TSTEP,
+def _tap_pair_pass(acc, x_ptr, g_ptr, w_ptr, ps_ptr, pb_ptr, pca_ptr, pcb_ptr, pcc_ptr, pro_slope,
+                   xrow, ih0, iw, col, row_ok, rk, rn, col_ok, ph, pw, tw_same, tw_moved, s,
+                   CIN: tl.constexpr, COUT: tl.constexpr, IH: tl.constexpr, IW: tl.constexpr,
+                   MW: tl.constexpr, PRO: tl.constexpr, PRO_AFFINE: tl.constexpr,
+                   PRO_ACT: tl.constexpr, PHW: tl.constexpr, T: tl.constexpr,
+                   TSTEP: tl.constexpr, W_T: tl.constexpr, DOT_PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # acc plus two column taps of every row tap (K = T row taps x CIN) from one A tile, the input
+    # columns iw of the tile's rows. Column tap tw_same reads exactly those; tap tw_moved reads
+    # column iw + s*IS (s = +-1), i.e. the A row of the output s columns on: its products belong to
+    # the row s back, so its accumulator moves by s rows before the sum. The move stays inside the
+    # tile (BLOCK_M is a multiple of the image row's MW outputs); the rows it would take from
+    # beyond an image row (col + s outside [0, MW)) read the zero padding there.
+    acc_moved = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, T * CIN, BLOCK_K):
+        offs, ok, ci, th = _im2col(k0, rk, xrow, ih0, iw, row_ok, CIN, IH, IW, T * CIN, 1, TSTEP,
                                    True)
         a = _load_operand(x_ptr, g_ptr, offs, ok, ci, CIN, ps_ptr, pb_ptr, pca_ptr, pcb_ptr,
                           pcc_ptr, pro_slope, PRO, PRO_AFFINE, PRO_ACT)
-        b_same = tl.load(w_ptr + _weight_offsets(th * 2 + pw, ci, rn, ph, pw, CIN, COUT, 2, 2, W_T),
-                         mask=col_ok[None, :], other=0.0)
-        b_shift = tl.load(w_ptr + _weight_offsets(th * 2 + 1 - pw, ci, rn, ph, pw, CIN, COUT, 2, 2,
-                                                  W_T), mask=col_ok[None, :], other=0.0)
+        b_same = tl.load(w_ptr + _weight_offsets(th * T + tw_same, ci, rn, ph, pw, CIN, COUT, PHW,
+                                                 T, W_T), mask=col_ok[None, :], other=0.0)
+        b_moved = tl.load(w_ptr + _weight_offsets(th * T + tw_moved, ci, rn, ph, pw, CIN, COUT,
+                                                  PHW, T, W_T), mask=col_ok[None, :], other=0.0)
         a = a.to(b_same.dtype)
-        acc_same = tl.dot(a, b_same, acc_same, input_precision=DOT_PREC)
-        acc_shift = tl.dot(a, b_shift, acc_shift, input_precision=DOT_PREC)
-    s = 2 * pw - 1
+        acc = tl.dot(a, b_same, acc, input_precision=DOT_PREC)
+        acc_moved = tl.dot(a, b_moved, acc_moved, input_precision=DOT_PREC)
     src = tl.minimum(tl.maximum(tl.arange(0, BLOCK_M) + s, 0), BLOCK_M - 1)
-    moved = tl.gather(acc_shift, tl.broadcast_to(src[:, None], [BLOCK_M, BLOCK_N]), 0)
-    return acc_same + tl.where(((mw + s >= 0) & (mw + s < MW))[:, None], moved, 0.0)
+    moved = tl.gather(acc_moved, tl.broadcast_to(src[:, None], [BLOCK_M, BLOCK_N]), 0)
+    return acc + tl.where(((col + s >= 0) & (col + s < MW))[:, None], moved, 0.0)
+
+
+@triton.jit
+def _paired_taps(x_ptr, g_ptr, w_ptr, ps_ptr, pb_ptr, pca_ptr, pcb_ptr, pcc_ptr, pro_slope,
+                 xrow, ih0, iw0, mw, row_ok, rk, rn, col_ok, ph, pw,
+                 CIN: tl.constexpr, COUT: tl.constexpr, IH: tl.constexpr, IW: tl.constexpr,
+                 MW: tl.constexpr, PRO: tl.constexpr, PRO_AFFINE: tl.constexpr,
+                 PRO_ACT: tl.constexpr, PHW: tl.constexpr, T: tl.constexpr, TSTEP: tl.constexpr,
+                 W_T: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # The accumulator of a stride-2 conv with its column taps in pairs that share A tiles
+    # (_tap_pair_pass), [BLOCK_M, 2*BLOCK_N] of accumulators at a time, and one row gather a pair.
+    # Transposed (PHW 2), phase (ph, pw): taps tw = pw (input column mw) and 1 - pw (mw + 2*pw - 1):
+    # the input is read 8 times, not 16 (2 row taps x 4 phases). Strided (PHW 1): taps 2 and 0
+    # (columns 2*ow + 1, 2*ow - 1), then 1 and 3 (2*ow, 2*ow + 2): the input is read twice, not 4
+    # times. The pairs whose moved tap would need the column beyond an image row's end read the
+    # padding there: conv_gemm pairs only maps whose row ends are padding (stride 2, padding 1).
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if PHW == 2:
+        acc = _tap_pair_pass(acc, x_ptr, g_ptr, w_ptr, ps_ptr, pb_ptr, pca_ptr, pcb_ptr, pcc_ptr,
+                             pro_slope, xrow, ih0, mw, mw, row_ok, rk, rn, col_ok, ph, pw, pw,
+                             1 - pw, 2 * pw - 1, CIN, COUT, IH, IW, MW, PRO, PRO_AFFINE, PRO_ACT,
+                             PHW, T, TSTEP, W_T, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        acc = _tap_pair_pass(acc, x_ptr, g_ptr, w_ptr, ps_ptr, pb_ptr, pca_ptr, pcb_ptr, pcc_ptr,
+                             pro_slope, xrow, ih0, iw0 + 2, mw, row_ok, rk, rn, col_ok, ph, pw, 2,
+                             0, -1, CIN, COUT, IH, IW, MW, PRO, PRO_AFFINE, PRO_ACT, PHW, T,
+                             TSTEP, W_T, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = _tap_pair_pass(acc, x_ptr, g_ptr, w_ptr, ps_ptr, pb_ptr, pca_ptr, pcb_ptr, pcc_ptr,
+                             pro_slope, xrow, ih0, iw0 + 1, mw, row_ok, rk, rn, col_ok, ph, pw, 1,
+                             3, 1, CIN, COUT, IH, IW, MW, PRO, PRO_AFFINE, PRO_ACT, PHW, T,
+                             TSTEP, W_T, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    return acc
 
 
 @triton.jit
@@ -297,7 +327,7 @@ def conv_gemm_kernel(
     # phase are GROUP_TILES whole row tiles, so the tile's group is a scalar; it selects the
     # [group, C] rows of the prologue's and epilogue's BN vectors, and the partial rows are
     # ordered (group, phase, tile) so that bn_finalize reads each group's rows together.
-    # PAIR (stride-2 transposed conv, BLOCK_M a multiple of MW): the phase's two column taps
+    # PAIR (a stride-2 conv or transposed conv, BLOCK_M a multiple of MW): column taps in pairs
     # share their A tiles (_paired_taps).
     pid_n = tl.program_id(0)
     phase = tl.program_id(1)
@@ -321,9 +351,10 @@ def conv_gemm_kernel(
     col_ok = rn < COUT
     if PAIR:
         acc = _paired_taps(x_ptr, g_ptr, w_ptr, ps_ptr + pro_g, pb_ptr + pro_g, pca_ptr + pro_g,
-                           pcb_ptr + pro_g, pcc_ptr + pro_g, pro_slope, xrow, ih0, iw0 - pw,
-                           row_ok, rk, rn, col_ok, ph, pw, CIN, COUT, IH, IW, MW, PRO, PRO_AFFINE,
-                           PRO_ACT, TSTEP, W_T, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+                           pcb_ptr + pro_g, pcc_ptr + pro_g, pro_slope, xrow, ih0, iw0,
+                           (iw0 - pw * PIN - IOFF) // IS, row_ok, rk, rn, col_ok, ph, pw, CIN,
+                           COUT, IH, IW, MW, PRO, PRO_AFFINE, PRO_ACT, PHW, T, TSTEP, W_T,
+                           DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         KTOT = T * T * CIN
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -865,9 +896,20 @@ PAIR_DGRAD_MAX_COUT = 64
 
 
 def tap_pairs():
-    """FASTDCGAN_TAP_PAIRS, 1 by default (read at each call): stride-2 transposed convs run their
-    phases' two column taps from one A tile (conv_gemm_kernel PAIR); 0 keeps one tap per K step."""
+    """FASTDCGAN_TAP_PAIRS, 1 by default (read at each call): stride-2 convs and transposed convs
+    run their column taps in pairs from one A tile (conv_gemm_kernel PAIR); 0 keeps one tap per K
+    step."""
     return os.environ.get("FASTDCGAN_TAP_PAIRS", "1") != "0"
+
+
+def pairs_column_taps(geom):
+    """Whether a GEMM of this geometry can pair its column taps (_paired_taps): a stride-2
+    transposed conv (padding 1), or a stride-2 conv with padding 1 on an even-width map, whose
+    pairs' moved taps read the padding beyond each image row's ends."""
+    if geom.phw == 2:
+        return True
+    return (geom.phw == 1 and geom.t == 4 and geom.in_s == 2 and geom.ioff == -1
+            and geom.iw == 2 * geom.ow)
 
 
 def _prologue_args(x, pro, bwd, dummy):
@@ -942,16 +984,27 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
     else:
         bm, bk, aligned, cands = gemm_tiles(m * geom.phases, geom.mh * geom.mw * geom.phases, cin,
                                             cout, dtype)
-    pair = (geom.phw == 2 and aligned and (not w_t or cout <= PAIR_DGRAD_MAX_COUT)
+    pair = (aligned and pairs_column_taps(geom) and (not w_t or cout <= PAIR_DGRAD_MAX_COUT)
             and tap_pairs())
+    if pair and not tuned and not INTERPRET and cout <= 64 and geom.mh * geom.mw >= 256:
+        # one column tile of paired taps: 256 rows, whose [256, 2*64] accumulator is the
+        # forward's register budget with 8 warps (the data gradient's fit below halves it back),
+        # so the weight tiles, a third of the operand bytes at 128 rows, are re-read half as
+        # often (compile_check, bf16: no spills with raw operands, 8 B/thread through a prologue)
+        bm, cands = 256, [(bn, 8, s) for bn, _, s in cands[:1]]
     if not INTERPRET:
         # the data gradient (w_t: with the BN-backward prologue, or reading a materialized dy,
         # and the producer's BN-backward sums in its epilogue) also keeps its pipeline at 3
         # stages (compile_check: 56 B/thread of spills at 4 stages for 128x64 with 4 warps);
-        # paired taps hold two accumulators
+        # paired taps hold two accumulators; a strided conv's runs two K loops (one per pair),
+        # which with 4 steps each (Cin 64) unroll whole at 3+ stages and spill (compile_check)
         width = 2 if pair else 1
-        fitted = [_fit_registers(bm, bn * width, w, ACC_REGS[2 if w_t else 1])
-                  + (min(s, 3) if w_t else s,) for bn, w, s in cands]
+        max_stages = 3 if w_t else 8
+        if pair and geom.phw == 1 and geom.t * cin // bk <= 4:
+            max_stages = 2
+        limit = ACC_REGS[2 if w_t else 1]
+        fitted = [_fit_registers(bm, bn * width, w, limit) + (min(s, max_stages),)
+                  for bn, w, s in cands]
         bm = fitted[0][0]
         cands = [(bn // width, w, s) for m_, bn, w, s in fitted if m_ == bm]
     group_tiles = None

@@ -27,10 +27,15 @@ def test_operand_bytes_of_a_forward_gemm_and_a_weight_gradient(monkeypatch):
     rows = nb * 16 * 16
     bm, bk, _, cands = ig.gemm_tiles(rows, 256, cin, cout, torch.float32)
     bn = cands[0][0]
+    programs = math.ceil(rows / bm) * math.ceil(cout / bn)
+    monkeypatch.setenv("FASTDCGAN_TAP_PAIRS", "0")
     got = tune_gemm._run_measuring_operands(lambda: ig.conv_gemm(x, w, geom, cout, stats=1))
     # every row tile reads its [bm, bk] input tile and the [bk, bn] weight tile per K step
-    programs = math.ceil(rows / bm) * math.ceil(cout / bn)
     assert got == programs * (16 * cin // bk) * (bm * bk + bk * bn) * 4
+    monkeypatch.setenv("FASTDCGAN_TAP_PAIRS", "1")
+    got = tune_gemm._run_measuring_operands(lambda: ig.conv_gemm(x, w, geom, cout, stats=1))
+    # paired column taps: one input tile per pair of taps, with both taps' weight tiles
+    assert got == programs * (8 * cin // bk) * (bm * bk + 2 * bk * bn) * 4
     dy = torch.randn(nb, 16, 16, cout)
     got = tune_gemm._run_measuring_operands(lambda: ig.conv_wgrad(x, None, dy, geom))
     wbk, _, wbn, _ = ig.wgrad_tiles(rows, 16, cin, cout, torch.float32)

@@ -1,9 +1,9 @@
-"""Paired column taps (conv_gemm_kernel PAIR): a stride-2 transposed conv's phase GEMM computes its
-two column taps from one A tile and moves the shifted tap's accumulator by a row. Checked against
-float64 PyTorch and against the unpaired phase GEMMs (FASTDCGAN_TAP_PAIRS=0) on the same inputs:
-outputs, BN partials of both kinds (forward statistics, the producer's BN backward sums), every
-operand prologue, the gradient through a producer's activation, batch groups, and the maps and
-channel counts that keep the unpaired kernel.
+"""Paired column taps (conv_gemm_kernel PAIR): a stride-2 transposed conv's phase GEMM, or a
+stride-2 conv's GEMM, computes two column taps from one A tile and moves one tap's accumulator
+by a row. Checked against float64 PyTorch and against one tap per K step (FASTDCGAN_TAP_PAIRS=0)
+on the same inputs: outputs, BN partials of both kinds (forward statistics, the producer's BN
+backward sums), every operand prologue, the gradient through a producer's activation, batch
+groups, and the maps and channel counts that keep one tap per K step.
 
 CPU (Triton interpreter, exact fp32 dot). On a GPU the whole networks run paired
 (test_models_triton.py), and test_gpu_tiles.py runs a training step at GPU tiles in CI.
@@ -56,13 +56,14 @@ def same(a, b, tol=1e-5):
     assert rel_err(a, b) < tol
 
 
-def forward_case(b, cin, cout, hw, prologue, groups):
-    """A transposed-conv forward (stride 2, padding 1) with BN statistics in the epilogue (and
+def forward_case(b, cin, cout, hw, prologue, groups, transposed=True):
+    """A (transposed) conv forward (stride 2, padding 1) with BN statistics in the epilogue (and
     the folded BN + ReLU output): its callable and the float64 reference of y."""
     x = torch.randn(b, hw, hw, cin, device=DEV)
-    w = torch.randn(cin, cout, 4, 4, device=DEV) * 0.1
-    wk = kernel_view(w, True).contiguous()
-    geom = ig.make_geom(True, 2, 1, hw, hw, 2 * hw, 2 * hw)
+    w = torch.randn(*((cin, cout) if transposed else (cout, cin)), 4, 4, device=DEV) * 0.1
+    wk = kernel_view(w, transposed).contiguous()
+    oh = ig.conv_out_size(transposed, 2, 1, hw)
+    geom = ig.make_geom(transposed, 2, 1, hw, hw, oh, oh)
     z = x.double()
     pro = None
     if prologue:
@@ -70,19 +71,20 @@ def forward_case(b, cin, cout, hw, prologue, groups):
         s, t = (v.double().view(groups, 1, 1, 1, cin) for v in (pro.scale, pro.shift))
         z = (z.view(groups, b // groups, hw, hw, cin) * s + t).clamp_min(0).view_as(z)
     epi = ig.Xform(vec(cout * groups, 0.5, 1.5), vec(cout * groups), ACTIVATIONS["relu"], 0.0)
-    ref = nhwc(F.conv_transpose2d(nchw(z), w.double(), stride=2, padding=1))
-    fn = lambda: ig.conv_gemm(x, wk, geom, cout, pro=pro, epi=epi, store_a=True, stats=1,  # noqa: E731
-                              groups=groups)
-    return fn, ref
+    conv = F.conv_transpose2d if transposed else F.conv2d
+    ref = nhwc(conv(nchw(z), w.double(), stride=2, padding=1))
+    return (lambda: ig.conv_gemm(x, wk, geom, cout, pro=pro, epi=epi, store_a=True, stats=1,
+                                 groups=groups)), ref
 
 
-def dgrad_case(b, cin, cout, hw, feed, through):
-    """The data gradient of a conv (stride 2, padding 1, cin -> cout on a 2hw x 2hw map): dy read
-    raw or through the BN backward (feed "bn"), the producer's BN backward sums in the epilogue
-    (through None) or the gradient carried through its activation (through: its name)."""
-    w = torch.randn(cout, cin, 4, 4, device=DEV) * 0.1
-    wk = kernel_view(w, False).contiguous()
-    geom = ig.make_geom(True, 2, 1, hw, hw, 2 * hw, 2 * hw)
+def dgrad_case(b, cin, cout, hw, feed, through, transposed=False):
+    """The data gradient of a (transposed) conv (stride 2, padding 1, cin -> cout, dy hw x hw):
+    dy read raw or through the BN backward (feed "bn"), the producer's BN backward sums in the
+    epilogue (through None) or the gradient carried through its activation (through: its name)."""
+    w = torch.randn(*((cin, cout) if transposed else (cout, cin)), 4, 4, device=DEV) * 0.1
+    wk = kernel_view(w, transposed).contiguous()
+    ih = hw // 2 if transposed else 2 * hw   # the forward's input map
+    geom = ig.make_geom(not transposed, 2, 1, hw, hw, ih, ih)
     g = torch.randn(b, hw, hw, cout, device=DEV)
     if feed == "raw":
         bwd, dy = None, g.double()
@@ -94,9 +96,12 @@ def dgrad_case(b, cin, cout, hw, feed, through):
         zb = yb.double() * s.double() + sh.double()
         dy = (ca.double() * g.double() * torch.where(zb > 0, 1.0, SLOPE).double()
               + cb.double() * yb.double() + cc.double())
-    ref = nhwc(torch.nn.grad.conv2d_input((b, cin, 2 * hw, 2 * hw), w.double(), nchw(dy),
-                                          stride=2, padding=1))
-    ey = torch.randn(b, 2 * hw, 2 * hw, cin, device=DEV)
+    if transposed:   # the data gradient of a transposed conv is the strided conv
+        ref = nhwc(F.conv2d(nchw(dy), w.double(), stride=2, padding=1))
+    else:
+        ref = nhwc(torch.nn.grad.conv2d_input((b, cin, ih, ih), w.double(), nchw(dy), stride=2,
+                                              padding=1))
+    ey = torch.randn(b, ih, ih, cin, device=DEV)
     if through is None:
         prod = (ey, vec(cin, 0.5, 1.5), vec(cin), vec(cin), vec(cin, 0.5, 1.5),
                 ACTIVATIONS["relu"], 0.0)
@@ -104,28 +109,33 @@ def dgrad_case(b, cin, cout, hw, feed, through):
     else:
         kw = dict(grad_act=(ey, ACTIVATIONS[through], SLOPE))
         ref = ref * torch.where(ey.double() > 0, 1.0, SLOPE if through == "leaky_relu" else 0.0)
-    fn = lambda: ig.conv_gemm(g if bwd is None else None, wk, geom, cin, w_t=True,  # noqa: E731
-                              bwd=bwd, **kw)
-    return fn, ref
+    return (lambda: ig.conv_gemm(g if bwd is None else None, wk, geom, cin, w_t=True, bwd=bwd,
+                                 **kw)), ref
 
 
-FORWARD = [  # (batch, cin, cout, hw, BN-apply + ReLU prologue, batch groups)
-    (2, 16, 32, 4, False, 1),    # G's second layer's 4x4 -> 8x8
-    (3, 32, 16, 8, True, 1),     # odd batch, through the producer's BN + ReLU
-    (1, 16, 24, 16, False, 1),   # 16-pixel rows; Cout 24: a masked column tile
-    (4, 16, 16, 8, True, 2),     # D's grouped pass layout: two groups with their own BN vectors
-    (2, 16, 8, 32, False, 1),    # 2048 rows: the interpreter's 512-row tiles, 16 image rows each
+FORWARD = [  # (batch, cin, cout, hw, BN-apply + ReLU prologue, batch groups, transposed)
+    (2, 16, 32, 4, False, 1, True),    # G's second layer's 4x4 -> 8x8
+    (3, 32, 16, 8, True, 1, True),     # odd batch, through the producer's BN + ReLU
+    (1, 16, 24, 16, False, 1, True),   # 16-pixel rows; Cout 24: a masked column tile
+    (4, 16, 16, 8, True, 2, True),     # D's grouped pass layout: groups with their own BN vectors
+    (2, 16, 8, 32, False, 1, True),    # 2048 rows: the interpreter's 512-row tiles
+    (2, 16, 32, 8, False, 1, False),   # D's layers: 8x8 -> 4x4
+    (3, 32, 16, 16, True, 1, False),
+    (4, 16, 24, 16, True, 2, False),   # D's grouped pass
+    (1, 16, 16, 64, False, 1, False),  # 1024 rows of 32 pixels: 512-row tiles
 ]
-DGRAD = [  # (batch, conv cin, conv cout, dy hw, dy feed, producer activation or its BN sums)
-    (2, 16, 32, 4, "raw", None),
-    (3, 32, 16, 8, "bn", None),
-    (2, 16, 64, 16, "raw", "leaky_relu"),   # D's first layer's producer: no BN
-    (1, 48, 16, 8, "bn", "relu"),
+DGRAD = [  # (batch, conv cin, conv cout, dy hw, dy feed, producer act. or BN sums, transposed)
+    (2, 16, 32, 4, "raw", None, False),
+    (3, 32, 16, 8, "bn", None, False),
+    (2, 16, 64, 16, "raw", "leaky_relu", False),   # D's first layer's producer: no BN
+    (1, 48, 16, 8, "bn", "relu", False),
+    (2, 32, 16, 8, "raw", None, True),    # G's: the strided conv of dy, Cin 32 <= 64 columns
+    (3, 64, 32, 4, "bn", None, True),
 ]
 
 
-@pytest.mark.parametrize("case", FORWARD, ids=lambda c: "b{}_{}to{}_{}x{}{}_g{}".format(
-    c[0], c[1], c[2], c[3], c[3], "_bnrelu" if c[4] else "", c[5]))
+@pytest.mark.parametrize("case", FORWARD, ids=lambda c: "{}_b{}_{}to{}_{}x{}{}_g{}".format(
+    "tconv" if c[6] else "conv", c[0], c[1], c[2], c[3], c[3], "_bnrelu" if c[4] else "", c[5]))
 def test_forward(case, monkeypatch):
     monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
     fn, ref = forward_case(*case)
@@ -138,8 +148,8 @@ def test_forward(case, monkeypatch):
         same(got, want)
 
 
-@pytest.mark.parametrize("case", DGRAD, ids=lambda c: "b{}_{}to{}_{}x{}_{}_{}".format(
-    c[0], c[1], c[2], c[3], c[3], c[4], c[5] or "bnsums"))
+@pytest.mark.parametrize("case", DGRAD, ids=lambda c: "{}_b{}_{}to{}_{}x{}_{}_{}".format(
+    "tconv" if c[6] else "conv", c[0], c[1], c[2], c[3], c[3], c[4], c[5] or "bnsums"))
 def test_data_gradient(case, monkeypatch):
     monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
     fn, ref = dgrad_case(*case)
@@ -153,17 +163,20 @@ def test_data_gradient(case, monkeypatch):
 
 
 @pytest.mark.parametrize("case, why", [
-    (("forward", 2, 16, 16, 3), "3-pixel rows: a row tile is never whole image rows"),
-    (("forward", 2, 16, 16, 6), "6-pixel rows"),
-    (("forward", 2, 24, 16, 4), "Cin 24: K blocks straddle the row taps"),
-    (("dgrad", 2, 16, 128, 4), "a data gradient wider than PAIR_DGRAD_MAX_COUT"),
+    (("forward", 2, 16, 16, 3, True), "3-pixel rows: a row tile is never whole image rows"),
+    (("forward", 2, 16, 16, 6, True), "6-pixel rows"),
+    (("forward", 2, 24, 16, 4, True), "Cin 24: K blocks straddle the row taps"),
+    (("forward", 2, 16, 16, 7, False), "odd width: the last tap 3 reads a pixel, not padding"),
+    (("forward", 2, 16, 16, 12, False), "6-pixel output rows"),
+    (("dgrad", 2, 16, 128, 4, False), "a data gradient wider than PAIR_DGRAD_MAX_COUT"),
+    (("dgrad", 2, 16, 128, 4, True), "the same, strided"),
 ])
 def test_shapes_that_keep_one_tap_per_k_step(case, why, monkeypatch):
-    kind, b, cin, cout, hw = case
+    kind, b, cin, cout, hw, transposed = case
     if kind == "forward":
-        fn, ref = forward_case(b, cin, cout, hw, False, 1)
+        fn, ref = forward_case(b, cin, cout, hw, False, 1, transposed)
     else:   # the dgrad's GEMM output channels are the conv's cin
-        fn, ref = dgrad_case(b, cout, cin, hw, "raw", None)
+        fn, ref = dgrad_case(b, cout, cin, hw, "raw", None, transposed)
     (y, *_), paired = run(monkeypatch, True, fn)
     assert not paired, why
     assert rel_err(y, ref) < 1e-3
