@@ -941,6 +941,50 @@ def _epilogue_args(epi, prod, grad_act, stats, dummy):
     return True, epi.act, epi.slope, (epi.scale, epi.shift, dummy, dummy, dummy)
 
 
+def _gemm_tile(geom, cin, cout, m, dtype, w_t, mode):
+    """(BLOCK_M, BLOCK_K, ALIGNED, PAIR, [(BLOCK_N, num_warps, num_stages), ...]) of a
+    conv_gemm_kernel launch with m GEMM rows per phase (w_t: a data gradient; mode: its A
+    operand's prologue), fitted to the kernel's register budget (PAIR: before the row tile is
+    shrunk to batch groups, which may still turn it off)."""
+    # a data gradient without its own tuned tile takes the forward tile of the same geometry (the
+    # other network's forward), fitted to its register budget below
+    raw = mode == 0
+    tuned = _tuned_tile("dgrad", geom, cin, cout, m * geom.phases, dtype, raw) if w_t else None
+    tuned = tuned or _tuned_tile("gemm", geom, cin, cout, m * geom.phases, dtype, raw)
+    if tuned:
+        bm, bn, bk, warps, stages = tuned
+        aligned, cands = cin % bk == 0, [(bn, warps, stages)]
+    else:
+        bm, bk, aligned, cands = gemm_tiles(m * geom.phases, geom.mh * geom.mw * geom.phases, cin,
+                                            cout, dtype)
+    pair = (aligned and pairs_column_taps(geom) and (not w_t or cout <= PAIR_DGRAD_MAX_COUT)
+            and tap_pairs())
+    if (pair and raw and not tuned and not INTERPRET and cout <= 64
+            and geom.mh * geom.mw >= 256):
+        # one column tile of paired taps on raw operands: 256 rows, whose [256, 2*64] accumulator
+        # is the forward's register budget with 8 warps (the data gradient's fit below halves it
+        # back), so the weight tiles, a third of the operand bytes at 128 rows, are re-read half as
+        # often (compile_check, bf16: no spills; 8 B/thread through a prologue)
+        bm, cands = 256, [(bn, 8, s) for bn, _, s in cands[:1]]
+    if not INTERPRET:
+        # the data gradient (w_t: with the BN-backward prologue, or reading a materialized dy,
+        # and the producer's BN-backward sums in its epilogue) also keeps its pipeline at 3
+        # stages (compile_check: 56 B/thread of spills at 4 stages for 128x64 with 4 warps);
+        # paired taps hold two accumulators (through a prologue: 8 B/thread of spills at 4
+        # stages); a strided conv's run two K loops (one per pair), which with 4 steps each
+        # (Cin 64) unroll whole at 3+ stages and spill (compile_check)
+        width = 2 if pair else 1
+        max_stages = 3 if w_t or (pair and not raw) else 8
+        if pair and geom.phw == 1 and geom.t * cin // bk <= 4:
+            max_stages = 2
+        limit = ACC_REGS[2 if w_t else 1]
+        fitted = [_fit_registers(bm, bn * width, w, limit) + (min(s, max_stages),)
+                  for bn, w, s in cands]
+        bm = fitted[0][0]
+        cands = [(bn // width, w, s) for m_, bn, w, s in fitted if m_ == bm]
+    return bm, bk, aligned, pair, cands
+
+
 def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, epi=None,
               store_a=False, stats=0, prod=None, grad_act=None, groups=1):
     """Runs conv_gemm_kernel over all phases.
@@ -973,40 +1017,7 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
                                 y, a, (e_aff, e_act, e_slope, evec), grad_act is not None)
         return y, a, None
     m = nb * geom.mh * geom.mw
-    # a data gradient without its own tuned tile takes the forward tile of the same geometry (the
-    # other network's forward), fitted to its register budget below
-    raw = bwd is None and pro is None
-    tuned = _tuned_tile("dgrad", geom, cin, cout, m * geom.phases, dtype, raw) if w_t else None
-    tuned = tuned or _tuned_tile("gemm", geom, cin, cout, m * geom.phases, dtype, raw)
-    if tuned:
-        bm, bn, bk, warps, stages = tuned
-        aligned, cands = cin % bk == 0, [(bn, warps, stages)]
-    else:
-        bm, bk, aligned, cands = gemm_tiles(m * geom.phases, geom.mh * geom.mw * geom.phases, cin,
-                                            cout, dtype)
-    pair = (aligned and pairs_column_taps(geom) and (not w_t or cout <= PAIR_DGRAD_MAX_COUT)
-            and tap_pairs())
-    if pair and not tuned and not INTERPRET and cout <= 64 and geom.mh * geom.mw >= 256:
-        # one column tile of paired taps: 256 rows, whose [256, 2*64] accumulator is the
-        # forward's register budget with 8 warps (the data gradient's fit below halves it back),
-        # so the weight tiles, a third of the operand bytes at 128 rows, are re-read half as
-        # often (compile_check, bf16: no spills with raw operands, 8 B/thread through a prologue)
-        bm, cands = 256, [(bn, 8, s) for bn, _, s in cands[:1]]
-    if not INTERPRET:
-        # the data gradient (w_t: with the BN-backward prologue, or reading a materialized dy,
-        # and the producer's BN-backward sums in its epilogue) also keeps its pipeline at 3
-        # stages (compile_check: 56 B/thread of spills at 4 stages for 128x64 with 4 warps);
-        # paired taps hold two accumulators; a strided conv's runs two K loops (one per pair),
-        # which with 4 steps each (Cin 64) unroll whole at 3+ stages and spill (compile_check)
-        width = 2 if pair else 1
-        max_stages = 3 if w_t else 8
-        if pair and geom.phw == 1 and geom.t * cin // bk <= 4:
-            max_stages = 2
-        limit = ACC_REGS[2 if w_t else 1]
-        fitted = [_fit_registers(bm, bn * width, w, limit) + (min(s, max_stages),)
-                  for bn, w, s in cands]
-        bm = fitted[0][0]
-        cands = [(bn // width, w, s) for m_, bn, w, s in fitted if m_ == bm]
+    bm, bk, aligned, pair, cands = _gemm_tile(geom, cin, cout, m, dtype, w_t, mode)
     group_tiles = None
     if grouped:
         group_rows = (nb // groups) * geom.mh * geom.mw
