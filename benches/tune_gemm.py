@@ -54,10 +54,12 @@ FWD_CONFIGS = {
              (128, 128, 32, 8, 5), (128, 128, 64, 8, 3)],
 }
 # wgrad: (BLOCK_K weight rows, BLOCK_N, BLOCK_M pixels per step, num_warps, num_stages); a
-# 128-pixel step halves the per-step row decoding, for raw operands (64 KB a stage in bf16)
+# 128-pixel step halves the per-step row decoding, for raw operands (64 KB a stage in bf16);
+# 256 weight rows (raw operands' heuristic, implicit_gemm.wgrad_tiles) re-read dy half as often
 WGRAD_CONFIGS = {
     "bf16": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 32, 8, 4),
-             (64, 64, 128, 4, 3), (128, 128, 64, 8, 5), (128, 128, 128, 8, 3)],
+             (64, 64, 128, 4, 3), (128, 128, 64, 8, 5), (128, 128, 128, 8, 3),
+             (256, 128, 64, 8, 3)],
     "fp32": [(64, 128, 32, 8, 3), (64, 64, 64, 4, 3), (128, 64, 32, 8, 3), (32, 128, 64, 4, 3),
              (64, 128, 64, 8, 2), (64, 128, 32, 8, 5)],
 }

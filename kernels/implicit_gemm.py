@@ -634,7 +634,7 @@ def _pow2_clamp(v, lo, hi):
 def _k_block(cin, widest):
     """(BLOCK_K, ALIGNED): the widest power-of-two K block dividing Cin (one tap per K step), else
     a flat K block (Cin = 3: 16, so D's first layer's K = 48 is 3 dense steps; nz = 100: 32)."""
-    for bk in (128, 64, 32, 16):
+    for bk in (256, 128, 64, 32, 16):
         if bk <= widest and cin % bk == 0:
             return bk, True
     return (16 if cin < 32 else 32), False
@@ -671,9 +671,9 @@ def gemm_tiles(m_rows, rows_per_image, cin, cout, dtype):
     return bm, bk, aligned, cands
 
 
-def wgrad_tiles(m_rows, taps, cin, cout, dtype):
+def wgrad_tiles(m_rows, taps, cin, cout, dtype, raw=False):
     """(BLOCK_K, ALIGNED, BLOCK_N, [(BLOCK_M, num_warps, num_stages), ...]) for the weight gradient
-    of a convolution with `taps` kernel taps per phase.
+    of a convolution with `taps` kernel taps per phase (raw: both operands read as stored).
 
     The output tile is BLOCK_K weight rows (th, tw, ci) x BLOCK_N output channels; the pixel
     reduction streams BLOCK_M rows per step (64, or 32 as the tuning alternative). H100: the fp32
@@ -684,8 +684,11 @@ def wgrad_tiles(m_rows, taps, cin, cout, dtype):
     in as few tiles as the widest allows, at least 64: each K tile re-reads all of dy (the bytes
     bound these GEMMs: benches/gemm_model.py), and wgmma needs 64 rows (a 16- or 32-row tile runs
     on mma.sync). Such a tile decodes (tap, ci) per k, which costs the main loop next to nothing
-    with Cin a compile-time power of two (compile_check --loops: 193 SASS against 191)."""
-    widest = 64 if dtype == torch.float32 else 128
+    with Cin a compile-time power of two (compile_check --loops: 193 SASS against 191). bf16 with
+    raw operands takes 256 weight rows (3 stages, 147 KB; no spills with 8 warps, its 128
+    accumulator registers a thread being what the raw main loop leaves free): dy is re-read
+    half as often as with 128, the model's largest weight-gradient bytes."""
+    widest = 64 if dtype == torch.float32 else (256 if raw else 128)
     if INTERPRET:
         if m_rows <= 1024:
             return 16, cin % 16 == 0, _pow2_clamp(cout, 16, 64), [(32, 4, 1)]
@@ -695,7 +698,7 @@ def wgrad_tiles(m_rows, taps, cin, cout, dtype):
     if not aligned or bk < widest <= taps * cin:
         bk, aligned = _pow2_clamp(taps * cin, 64, widest), False
     bn = _pow2_clamp(cout, 16, 128)
-    stages = 2 if dtype == torch.float32 else 4
+    stages = 2 if dtype == torch.float32 else (3 if bk > 128 else 4)
     warps = 8 if bk * bn >= 64 * 128 else 4
     return bk, aligned, bn, [(64, warps, stages), (32, 4, stages)]
 
@@ -1118,7 +1121,8 @@ def conv_wgrad(x, pro, bwd, geom, dw=None, groups=1):
         bk, bn, bm, warps, stages = tuned
         aligned, cands = cin % bk == 0, [(bm, warps, stages)]
     else:
-        bk, aligned, bn, cands = wgrad_tiles(m * geom.phases, geom.t * geom.t, cin, cout, dtype)
+        bk, aligned, bn, cands = wgrad_tiles(m * geom.phases, geom.t * geom.t, cin, cout, dtype,
+                                             raw=pro is None and out_mode == 0)
     if not INTERPRET:
         cands = [(bm, max(w, min(8, bk * bn // (32 * ACC_REGS["wgrad"]))), s) for bm, w, s in cands]
     if not grouped:
