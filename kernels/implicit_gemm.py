@@ -891,13 +891,6 @@ def _dot_prec(dtype, ktot=None):
 INPUT_STATIONARY_MAX_COUT = 8
 
 
-# The data gradient pairs a transposed conv's column taps (conv_gemm_kernel PAIR) only up to this
-# many output channels: its [BLOCK_M, 2*BLOCK_N] accumulator must fit ACC_REGS[2] (128 x 2*64 with
-# 8 warps); wider, the pairs would halve BLOCK_M, and the weight re-reads that adds cost as much as
-# the input reads the pairs save.
-PAIR_DGRAD_MAX_COUT = 64
-
-
 def tap_pairs():
     """FASTDCGAN_TAP_PAIRS, 1 by default (read at each call): stride-2 convs and transposed convs
     run their column taps in pairs from one A tile (conv_gemm_kernel PAIR); 0 keeps one tap per K
@@ -960,27 +953,28 @@ def _gemm_tile(geom, cin, cout, m, dtype, w_t, mode):
     else:
         bm, bk, aligned, cands = gemm_tiles(m * geom.phases, geom.mh * geom.mw * geom.phases, cin,
                                             cout, dtype)
-    pair = (aligned and pairs_column_taps(geom) and (not w_t or cout <= PAIR_DGRAD_MAX_COUT)
-            and tap_pairs())
+    pair = aligned and pairs_column_taps(geom) and tap_pairs()
     if (pair and raw and not tuned and not INTERPRET and cout <= 64
             and geom.mh * geom.mw >= 256):
         # one column tile of paired taps on raw operands: 256 rows, whose [256, 2*64] accumulator
-        # is the forward's register budget with 8 warps (the data gradient's fit below halves it
-        # back), so the weight tiles, a third of the operand bytes at 128 rows, are re-read half as
-        # often (compile_check, bf16: no spills; 8 B/thread through a prologue)
+        # is the register budget with 8 warps, so the weight tiles, a third of the operand bytes
+        # at 128 rows, are re-read half as often (compile_check, bf16: no spills; 8 B/thread
+        # through a prologue)
         bm, cands = 256, [(bn, 8, s) for bn, _, s in cands[:1]]
     if not INTERPRET:
         # the data gradient (w_t: with the BN-backward prologue, or reading a materialized dy,
         # and the producer's BN-backward sums in its epilogue) also keeps its pipeline at 3
         # stages (compile_check: 56 B/thread of spills at 4 stages for 128x64 with 4 warps);
-        # paired taps hold two accumulators (through a prologue: 8 B/thread of spills at 4
-        # stages); a strided conv's run two K loops (one per pair), which with 4 steps each
-        # (Cin 64) unroll whole at 3+ stages and spill (compile_check)
+        # paired taps hold two accumulators in the main loop but sum them before the epilogue,
+        # so a paired data gradient's budget is the forward's (compile_check: no spills at
+        # [128, 2*128] with 8 warps, bf16 and fp32, every prologue, the BN-backward sums);
+        # through a prologue 8 B/thread of spills at 4 stages; a strided conv's two K loops (one
+        # per pair) with 4 steps each (Cin 64) unroll whole at 3+ stages and spill
         width = 2 if pair else 1
         max_stages = 3 if w_t or (pair and not raw) else 8
         if pair and geom.phw == 1 and geom.t * cin // bk <= 4:
             max_stages = 2
-        limit = ACC_REGS[2 if w_t else 1]
+        limit = ACC_REGS[1 if pair or not w_t else 2]
         fitted = [_fit_registers(bm, bn * width, w, limit) + (min(s, max_stages),)
                   for bn, w, s in cands]
         bm = fitted[0][0]

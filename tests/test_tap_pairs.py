@@ -129,8 +129,10 @@ DGRAD = [  # (batch, conv cin, conv cout, dy hw, dy feed, producer act. or BN su
     (3, 32, 16, 8, "bn", None, False),
     (2, 16, 64, 16, "raw", "leaky_relu", False),   # D's first layer's producer: no BN
     (1, 48, 16, 8, "bn", "relu", False),
-    (2, 32, 16, 8, "raw", None, True),    # G's: the strided conv of dy, Cin 32 <= 64 columns
+    (2, 32, 16, 8, "raw", None, True),    # G's: the strided conv of dy
     (3, 64, 32, 4, "bn", None, True),
+    (2, 128, 16, 4, "bn", None, False),   # 128 GEMM columns (D's wider layers)
+    (2, 96, 16, 8, "raw", None, True),    # 96: a masked column tile
 ]
 
 
@@ -168,8 +170,8 @@ def test_data_gradient(case, monkeypatch):
     (("forward", 2, 24, 16, 4, True), "Cin 24: K blocks straddle the row taps"),
     (("forward", 2, 16, 16, 7, False), "odd width: the last tap 3 reads a pixel, not padding"),
     (("forward", 2, 16, 16, 12, False), "6-pixel output rows"),
-    (("dgrad", 2, 16, 128, 4, False), "a data gradient wider than PAIR_DGRAD_MAX_COUT"),
-    (("dgrad", 2, 16, 128, 4, True), "the same, strided"),
+    (("dgrad", 2, 24, 16, 4, False), "K of 24 channels"),
+    (("dgrad", 2, 16, 16, 3, True), "an odd map: the last tap 3 reads a pixel"),
 ])
 def test_shapes_that_keep_one_tap_per_k_step(case, why, monkeypatch):
     kind, b, cin, cout, hw, transposed = case
