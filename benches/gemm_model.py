@@ -9,9 +9,10 @@ main-loop SASS, and bounds each launch by the largest of
     operand time = operand bytes / --operand-tbps (default 3 TB/s)
 where the operand bytes are what the programs load tile by tile (gemm_traffic.py: each program
 reads its A and B tiles every K step from L2, cp.async.cg bypassing L1, so an implicit GEMM
-re-reads a stride-2 conv's input 4 times and a transposed conv's 16 times). 3 TB/s is about what
-the kernels tuned on an H100 in session 2 sustained (1.6-4.3 TB/s over the tile sweep's layers,
-benches/tune_gemm.py's "operand TB/s" column): a measured rate, not the L2's peak.
+re-reads a stride-2 conv's input 4 times and a transposed conv's 16 times, half that with paired
+column taps). 3 TB/s is about what the kernels tuned on an H100 in session 2 sustained (1.6-4.3
+TB/s over the tile sweep's layers, benches/tune_gemm.py's "operand TB/s" column): a measured
+rate, not the L2's peak.
 A model, not a measurement: it ignores latencies and launch gaps, so use it to compare kernels,
 tiles and feeds, and the GPU (benches/step_table.py, profile_step.py) for times.
 

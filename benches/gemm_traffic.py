@@ -2,9 +2,10 @@
 
 Every program reads its A and B tiles once per main-loop iteration from L2 (cp.async.cg: L1 is
 bypassed), so an implicit GEMM re-reads a stride-2 conv's input 4 times and a transposed conv's
-16 times (4 taps x 4 phases), and the weight once per row tile. The input-stationary transposed
-conv with few output channels reads its input once but moves its fp32 contributions P through
-memory: tap_gemm_kernel's bytes count P's store, tap_sum_kernel's (not a GEMM) P's reads.
+16 times (4 taps x 4 phases), or half that with paired column taps (two taps per A tile), and the
+weight once per row tile. The input-stationary transposed conv with few output channels reads its
+input once but moves its fp32 contributions P through memory: tap_gemm_kernel's bytes count P's
+store, tap_sum_kernel's (not a GEMM) P's reads.
 benches/gemm_model.py bounds a launch's time by these bytes at a given rate; benches/tune_gemm.py
 reports the rate each tuned tile achieves.
 """

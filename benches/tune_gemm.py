@@ -40,8 +40,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # operand bytes per K step, a fifth of a 256 x 64 one's (benches/gemm_model.py: 0.83x the bytes).
 # One stage (the last bf16 forward and data-gradient candidates): no cp.async pipeline, so the
 # tiles load with plain LDG.E.128, which L1 caches (cp.async.cg bypasses it): a transposed conv's
-# phase GEMM reads its input window once per tap, 4 times in a row, and the stride-2 conv's taps
-# overlap too; L1 may serve those re-reads that the pipelined kernels fetch from L2 (the bytes
+# phase GEMM reads its input window once per row tap (paired column taps), twice in a row, and
+# the stride-2 conv's taps overlap too; L1 may serve those re-reads that the pipelined kernels
+# fetch from L2 (the bytes
 # bound them: gemm_model.py). Latency is then hidden by occupancy: 24-32 KB of shared memory a CTA
 # (compile_check under triton 3.6, sm_90), so registers decide how many CTAs an SM holds.
 FWD_CONFIGS = {

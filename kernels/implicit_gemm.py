@@ -521,8 +521,8 @@ def tap_gemm_kernel(
     # its 16 output pixels (output pixel o = 2i + k - 1 per dim, as in tconv_wgrad_kernel),
     #     P[m, j] = sum_ci x[m, ci] * W[kh, kw, ci, co],   j = (kh*4 + kw)*COUT + co,
     # one [pixels, CIN] @ [CIN, 16*COUT] GEMM that reads x (through its prologue) once: the phase
-    # GEMMs read it 16 times (4 taps x 4 phases), in 16-column tiles of which COUT count, and the
-    # operand reads bound them. One program: BLOCK_M input pixels x BLOCK_N columns of fp32 P.
+    # GEMMs read it 8 times (2 row taps x 4 phases, column taps paired), in 16-column tiles of
+    # which COUT count, and the operand reads bound them. One program: BLOCK_M input pixels x BLOCK_N columns of fp32 P.
     # W_T: the data gradient of a conv, whose weight W[kh, kw, co, ci] is read transposed.
     pid_m = tl.program_id(0)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
