@@ -232,11 +232,9 @@ def _store_act(acc, a_ptr, optr, omask, s_ptr, b_ptr, ch, ch_ok, AFFINE: tl.cons
 
 
 @triton.jit
-def _tap_pair_pass(acc, x_ptr, g_ptr, w_ptr, ps_ptr, pb_ptr, pca_ptr, pcb_ptr, pcc_ptr, pro_slope,
-                   xrow, ih0, iw, col, row_ok, rk, rn, col_ok, ph, pw, tw_same, tw_moved, s,
-                   CIN: tl.constexpr, COUT: tl.constexpr, IH: tl.constexpr, IW: tl.constexpr,
-                   MW: tl.constexpr, PRO: tl.constexpr, PRO_AFFINE: tl.constexpr,
-                   PRO_ACT: tl.constexpr, PHW: tl.constexpr, T: tl.constexpr,
+def _tap_pair_pass(acc, x_ptr, w_ptr, xrow, ih0, iw, col, row_ok, rk, rn, col_ok, ph, pw,
+                   tw_same, tw_moved, s, CIN: tl.constexpr, COUT: tl.constexpr, IH: tl.constexpr,
+                   IW: tl.constexpr, MW: tl.constexpr, PHW: tl.constexpr, T: tl.constexpr,
                    TSTEP: tl.constexpr, W_T: tl.constexpr, DOT_PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # acc plus two column taps of every row tap (K = T row taps x CIN) from one A tile, the input
@@ -249,8 +247,7 @@ def _tap_pair_pass(acc, x_ptr, g_ptr, w_ptr, ps_ptr, pb_ptr, pca_ptr, pcb_ptr, p
     for k0 in range(0, T * CIN, BLOCK_K):
         offs, ok, ci, th = _im2col(k0, rk, xrow, ih0, iw, row_ok, CIN, IH, IW, T * CIN, 1, TSTEP,
                                    True)
-        a = _load_operand(x_ptr, g_ptr, offs, ok, ci, CIN, ps_ptr, pb_ptr, pca_ptr, pcb_ptr,
-                          pcc_ptr, pro_slope, PRO, PRO_AFFINE, PRO_ACT)
+        a = tl.load(x_ptr + offs, mask=ok, other=0.0)
         b_same = tl.load(w_ptr + _weight_offsets(th * T + tw_same, ci, rn, ph, pw, CIN, COUT, PHW,
                                                  T, W_T), mask=col_ok[None, :], other=0.0)
         b_moved = tl.load(w_ptr + _weight_offsets(th * T + tw_moved, ci, rn, ph, pw, CIN, COUT,
@@ -264,35 +261,31 @@ def _tap_pair_pass(acc, x_ptr, g_ptr, w_ptr, ps_ptr, pb_ptr, pca_ptr, pcb_ptr, p
 
 
 @triton.jit
-def _paired_taps(x_ptr, g_ptr, w_ptr, ps_ptr, pb_ptr, pca_ptr, pcb_ptr, pcc_ptr, pro_slope,
-                 xrow, ih0, iw0, mw, row_ok, rk, rn, col_ok, ph, pw,
+def _paired_taps(x_ptr, w_ptr, xrow, ih0, iw0, mw, row_ok, rk, rn, col_ok, ph, pw,
                  CIN: tl.constexpr, COUT: tl.constexpr, IH: tl.constexpr, IW: tl.constexpr,
-                 MW: tl.constexpr, PRO: tl.constexpr, PRO_AFFINE: tl.constexpr,
-                 PRO_ACT: tl.constexpr, PHW: tl.constexpr, T: tl.constexpr, TSTEP: tl.constexpr,
+                 MW: tl.constexpr, PHW: tl.constexpr, T: tl.constexpr, TSTEP: tl.constexpr,
                  W_T: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # The accumulator of a stride-2 conv with its column taps in pairs that share A tiles
-    # (_tap_pair_pass), [BLOCK_M, 2*BLOCK_N] of accumulators at a time, and one row gather a pair.
-    # Transposed (PHW 2), phase (ph, pw): taps tw = pw (input column mw) and 1 - pw (mw + 2*pw - 1):
-    # the input is read 8 times, not 16 (2 row taps x 4 phases). Strided (PHW 1): taps 2 and 0
-    # (columns 2*ow + 1, 2*ow - 1), then 1 and 3 (2*ow, 2*ow + 2): the input is read twice, not 4
-    # times. The pairs whose moved tap would need the column beyond an image row's end read the
-    # padding there: conv_gemm pairs only maps whose row ends are padding (stride 2, padding 1).
+    # (_tap_pair_pass; raw operands), [BLOCK_M, 2*BLOCK_N] of accumulators at a time, and one row
+    # gather a pair. Transposed (PHW 2), phase (ph, pw): taps tw = pw (input column mw) and
+    # 1 - pw (mw + 2*pw - 1): the input is read 8 times, not 16 (2 row taps x 4 phases). Strided
+    # (PHW 1): taps 2 and 0 (columns 2*ow + 1, 2*ow - 1), then 1 and 3 (2*ow, 2*ow + 2): the input
+    # is read twice, not 4 times. The pairs whose moved tap would need the column beyond an image
+    # row's end read the padding there: conv_gemm pairs only maps whose row ends are padding
+    # (stride 2, padding 1).
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if PHW == 2:
-        acc = _tap_pair_pass(acc, x_ptr, g_ptr, w_ptr, ps_ptr, pb_ptr, pca_ptr, pcb_ptr, pcc_ptr,
-                             pro_slope, xrow, ih0, mw, mw, row_ok, rk, rn, col_ok, ph, pw, pw,
-                             1 - pw, 2 * pw - 1, CIN, COUT, IH, IW, MW, PRO, PRO_AFFINE, PRO_ACT,
-                             PHW, T, TSTEP, W_T, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = _tap_pair_pass(acc, x_ptr, w_ptr, xrow, ih0, mw, mw, row_ok, rk, rn, col_ok, ph, pw,
+                             pw, 1 - pw, 2 * pw - 1, CIN, COUT, IH, IW, MW, PHW, T, TSTEP, W_T,
+                             DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
-        acc = _tap_pair_pass(acc, x_ptr, g_ptr, w_ptr, ps_ptr, pb_ptr, pca_ptr, pcb_ptr, pcc_ptr,
-                             pro_slope, xrow, ih0, iw0 + 2, mw, row_ok, rk, rn, col_ok, ph, pw, 2,
-                             0, -1, CIN, COUT, IH, IW, MW, PRO, PRO_AFFINE, PRO_ACT, PHW, T,
-                             TSTEP, W_T, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-        acc = _tap_pair_pass(acc, x_ptr, g_ptr, w_ptr, ps_ptr, pb_ptr, pca_ptr, pcb_ptr, pcc_ptr,
-                             pro_slope, xrow, ih0, iw0 + 1, mw, row_ok, rk, rn, col_ok, ph, pw, 1,
-                             3, 1, CIN, COUT, IH, IW, MW, PRO, PRO_AFFINE, PRO_ACT, PHW, T,
-                             TSTEP, W_T, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = _tap_pair_pass(acc, x_ptr, w_ptr, xrow, ih0, iw0 + 2, mw, row_ok, rk, rn, col_ok, ph,
+                             pw, 2, 0, -1, CIN, COUT, IH, IW, MW, PHW, T, TSTEP, W_T, DOT_PREC,
+                             BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = _tap_pair_pass(acc, x_ptr, w_ptr, xrow, ih0, iw0 + 1, mw, row_ok, rk, rn, col_ok, ph,
+                             pw, 1, 3, 1, CIN, COUT, IH, IW, MW, PHW, T, TSTEP, W_T, DOT_PREC,
+                             BLOCK_M, BLOCK_N, BLOCK_K)
     return acc
 
 
@@ -327,8 +320,8 @@ def conv_gemm_kernel(
     # phase are GROUP_TILES whole row tiles, so the tile's group is a scalar; it selects the
     # [group, C] rows of the prologue's and epilogue's BN vectors, and the partial rows are
     # ordered (group, phase, tile) so that bn_finalize reads each group's rows together.
-    # PAIR (a stride-2 conv or transposed conv, BLOCK_M a multiple of MW): column taps in pairs
-    # share their A tiles (_paired_taps).
+    # PAIR (a stride-2 conv or transposed conv on raw operands, BLOCK_M a multiple of MW): column
+    # taps in pairs share their A tiles (_paired_taps).
     pid_n = tl.program_id(0)
     phase = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -350,10 +343,9 @@ def conv_gemm_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = rn < COUT
     if PAIR:
-        acc = _paired_taps(x_ptr, g_ptr, w_ptr, ps_ptr + pro_g, pb_ptr + pro_g, pca_ptr + pro_g,
-                           pcb_ptr + pro_g, pcc_ptr + pro_g, pro_slope, xrow, ih0, iw0,
-                           (iw0 - pw * PIN - IOFF) // IS, row_ok, rk, rn, col_ok, ph, pw, CIN,
-                           COUT, IH, IW, MW, PRO, PRO_AFFINE, PRO_ACT, PHW, T, TSTEP, W_T,
+        tl.static_assert(PRO == 0, "column taps pair on raw operands only")
+        acc = _paired_taps(x_ptr, w_ptr, xrow, ih0, iw0, (iw0 - pw * PIN - IOFF) // IS, row_ok,
+                           rk, rn, col_ok, ph, pw, CIN, COUT, IH, IW, MW, PHW, T, TSTEP, W_T,
                            DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         KTOT = T * T * CIN
@@ -953,13 +945,13 @@ def _gemm_tile(geom, cin, cout, m, dtype, w_t, mode):
     else:
         bm, bk, aligned, cands = gemm_tiles(m * geom.phases, geom.mh * geom.mw * geom.phases, cin,
                                             cout, dtype)
-    pair = aligned and pairs_column_taps(geom) and tap_pairs()
-    if (pair and raw and not tuned and not INTERPRET and cout <= 64
-            and geom.mh * geom.mw >= 256):
-        # one column tile of paired taps on raw operands: 256 rows, whose [256, 2*64] accumulator
-        # is the register budget with 8 warps, so the weight tiles, a third of the operand bytes
-        # at 128 rows, are re-read half as often (compile_check, bf16: no spills; 8 B/thread
-        # through a prologue)
+    # column taps pair on raw operands only: through a prologue the second accumulator spills
+    # (compile_check: 16-72 B/thread), and the prologue feed's tuned tiles are unpaired ones
+    pair = raw and aligned and pairs_column_taps(geom) and tap_pairs()
+    if pair and not tuned and not INTERPRET and cout <= 64 and geom.mh * geom.mw >= 256:
+        # one column tile of paired taps: 256 rows, whose [256, 2*64] accumulator is the register
+        # budget with 8 warps, so the weight tiles, a third of the operand bytes at 128 rows, are
+        # re-read half as often (compile_check, bf16: no spills)
         bm, cands = 256, [(bn, 8, s) for bn, _, s in cands[:1]]
     if not INTERPRET:
         # the data gradient (w_t: with the BN-backward prologue, or reading a materialized dy,
@@ -967,11 +959,11 @@ def _gemm_tile(geom, cin, cout, m, dtype, w_t, mode):
         # stages (compile_check: 56 B/thread of spills at 4 stages for 128x64 with 4 warps);
         # paired taps hold two accumulators in the main loop but sum them before the epilogue,
         # so a paired data gradient's budget is the forward's (compile_check: no spills at
-        # [128, 2*128] with 8 warps, bf16 and fp32, every prologue, the BN-backward sums);
-        # through a prologue 8 B/thread of spills at 4 stages; a strided conv's two K loops (one
-        # per pair) with 4 steps each (Cin 64) unroll whole at 3+ stages and spill
+        # [128, 2*128] with 8 warps, bf16 and fp32, with the BN-backward sums); a strided conv's
+        # two K loops (one per pair) with 4 steps each (Cin 64) unroll whole at 3+ stages and
+        # spill
         width = 2 if pair else 1
-        max_stages = 3 if w_t or (pair and not raw) else 8
+        max_stages = 3 if w_t else 8
         if pair and geom.phw == 1 and geom.t * cin // bk <= 4:
             max_stages = 2
         limit = ACC_REGS[1 if pair or not w_t else 2]

@@ -2,8 +2,8 @@
 stride-2 conv's GEMM, computes two column taps from one A tile and moves one tap's accumulator
 by a row. Checked against float64 PyTorch and against one tap per K step (FASTDCGAN_TAP_PAIRS=0)
 on the same inputs: outputs, BN partials of both kinds (forward statistics, the producer's BN
-backward sums), every operand prologue, the gradient through a producer's activation, batch
-groups, and the maps and channel counts that keep one tap per K step.
+backward sums), the gradient through a producer's activation, batch groups, and the maps, channel
+counts and operand prologues (pairs take raw operands only) that keep one tap per K step.
 
 CPU (Triton interpreter, exact fp32 dot). On a GPU the whole networks run paired
 (test_models_triton.py), and test_gpu_tiles.py runs a training step at GPU tiles in CI.
@@ -113,34 +113,35 @@ def dgrad_case(b, cin, cout, hw, feed, through, transposed=False):
                                  **kw)), ref
 
 
-FORWARD = [  # (batch, cin, cout, hw, BN-apply + ReLU prologue, batch groups, transposed)
-    (2, 16, 32, 4, False, 1, True),    # G's second layer's 4x4 -> 8x8
-    (3, 32, 16, 8, True, 1, True),     # odd batch, through the producer's BN + ReLU
-    (1, 16, 24, 16, False, 1, True),   # 16-pixel rows; Cout 24: a masked column tile
-    (4, 16, 16, 8, True, 2, True),     # D's grouped pass layout: groups with their own BN vectors
-    (2, 16, 8, 32, False, 1, True),    # 2048 rows: the interpreter's 512-row tiles
-    (2, 16, 32, 8, False, 1, False),   # D's layers: 8x8 -> 4x4
-    (3, 32, 16, 16, True, 1, False),
-    (4, 16, 24, 16, True, 2, False),   # D's grouped pass
-    (1, 16, 16, 64, False, 1, False),  # 1024 rows of 32 pixels: 512-row tiles
+FORWARD = [  # (batch, cin, cout, hw, batch groups, transposed)
+    (2, 16, 32, 4, 1, True),    # G's second layer's 4x4 -> 8x8
+    (3, 32, 16, 8, 1, True),    # odd batch
+    (1, 16, 24, 16, 1, True),   # 16-pixel rows; Cout 24: a masked column tile
+    (4, 16, 16, 8, 2, True),    # D's grouped pass layout: groups with their own BN vectors
+    (2, 16, 8, 32, 1, True),    # 2048 rows: the interpreter's 512-row tiles
+    (2, 16, 32, 8, 1, False),   # D's layers: 8x8 -> 4x4
+    (3, 32, 16, 16, 1, False),
+    (4, 16, 24, 16, 2, False),  # D's grouped pass
+    (1, 16, 16, 64, 1, False),  # 1024 rows of 32 pixels: 512-row tiles
 ]
-DGRAD = [  # (batch, conv cin, conv cout, dy hw, dy feed, producer act. or BN sums, transposed)
-    (2, 16, 32, 4, "raw", None, False),
-    (3, 32, 16, 8, "bn", None, False),
-    (2, 16, 64, 16, "raw", "leaky_relu", False),   # D's first layer's producer: no BN
-    (1, 48, 16, 8, "bn", "relu", False),
-    (2, 32, 16, 8, "raw", None, True),    # G's: the strided conv of dy
-    (3, 64, 32, 4, "bn", None, True),
-    (2, 128, 16, 4, "bn", None, False),   # 128 GEMM columns (D's wider layers)
-    (2, 96, 16, 8, "raw", None, True),    # 96: a masked column tile
+DGRAD = [  # (batch, conv cin, conv cout, dy hw, producer activation or its BN sums, transposed)
+    (2, 16, 32, 4, None, False),
+    (3, 32, 16, 8, None, False),
+    (2, 16, 64, 16, "leaky_relu", False),   # D's first layer's producer: no BN
+    (1, 48, 16, 8, "relu", False),
+    (2, 32, 16, 8, None, True),    # G's: the strided conv of dy
+    (3, 64, 32, 4, None, True),
+    (2, 128, 16, 4, None, False),  # 128 GEMM columns (D's wider layers)
+    (2, 96, 16, 8, None, True),    # 96: a masked column tile
 ]
 
 
-@pytest.mark.parametrize("case", FORWARD, ids=lambda c: "{}_b{}_{}to{}_{}x{}{}_g{}".format(
-    "tconv" if c[6] else "conv", c[0], c[1], c[2], c[3], c[3], "_bnrelu" if c[4] else "", c[5]))
+@pytest.mark.parametrize("case", FORWARD, ids=lambda c: "{}_b{}_{}to{}_{}x{}_g{}".format(
+    "tconv" if c[5] else "conv", *c[:4], c[3], c[4]))
 def test_forward(case, monkeypatch):
     monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
-    fn, ref = forward_case(*case)
+    b, cin, cout, hw, groups, transposed = case
+    fn, ref = forward_case(b, cin, cout, hw, False, groups, transposed)
     (y, a, partials), paired = run(monkeypatch, True, fn)
     (y0, a0, partials0), unpaired = run(monkeypatch, False, fn)
     assert paired and not unpaired
@@ -150,11 +151,12 @@ def test_forward(case, monkeypatch):
         same(got, want)
 
 
-@pytest.mark.parametrize("case", DGRAD, ids=lambda c: "{}_b{}_{}to{}_{}x{}_{}_{}".format(
-    "tconv" if c[6] else "conv", c[0], c[1], c[2], c[3], c[3], c[4], c[5] or "bnsums"))
+@pytest.mark.parametrize("case", DGRAD, ids=lambda c: "{}_b{}_{}to{}_{}x{}_{}".format(
+    "tconv" if c[5] else "conv", *c[:4], c[3], c[4] or "bnsums"))
 def test_data_gradient(case, monkeypatch):
     monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
-    fn, ref = dgrad_case(*case)
+    b, cin, cout, hw, through, transposed = case
+    fn, ref = dgrad_case(b, cin, cout, hw, "raw", through, transposed)
     (y, _, partials), paired = run(monkeypatch, True, fn)
     (y0, _, partials0), unpaired = run(monkeypatch, False, fn)
     assert paired and not unpaired
@@ -165,20 +167,24 @@ def test_data_gradient(case, monkeypatch):
 
 
 @pytest.mark.parametrize("case, why", [
-    (("forward", 2, 16, 16, 3, True), "3-pixel rows: a row tile is never whole image rows"),
-    (("forward", 2, 16, 16, 6, True), "6-pixel rows"),
-    (("forward", 2, 24, 16, 4, True), "Cin 24: K blocks straddle the row taps"),
-    (("forward", 2, 16, 16, 7, False), "odd width: the last tap 3 reads a pixel, not padding"),
-    (("forward", 2, 16, 16, 12, False), "6-pixel output rows"),
-    (("dgrad", 2, 24, 16, 4, False), "K of 24 channels"),
-    (("dgrad", 2, 16, 16, 3, True), "an odd map: the last tap 3 reads a pixel"),
+    (("forward", 2, 16, 16, 3, True, False), "3-pixel rows: a tile is never whole image rows"),
+    (("forward", 2, 16, 16, 6, True, False), "6-pixel rows"),
+    (("forward", 2, 24, 16, 4, True, False), "Cin 24: K blocks straddle the row taps"),
+    (("forward", 2, 16, 16, 7, False, False), "odd width: the last tap 3 reads a pixel"),
+    (("forward", 2, 16, 16, 12, False, False), "6-pixel output rows"),
+    (("forward", 3, 32, 16, 8, True, True), "through the producer's BN + ReLU (a prologue)"),
+    (("forward", 2, 16, 32, 8, False, True), "the same, strided"),
+    (("dgrad", 2, 24, 16, 4, False, False), "K of 24 channels"),
+    (("dgrad", 2, 16, 16, 3, True, False), "an odd map: the last tap 3 reads a pixel"),
+    (("dgrad", 3, 16, 32, 8, False, True), "dy through the BN backward (a prologue)"),
+    (("dgrad", 3, 32, 64, 4, True, True), "the same, strided"),
 ])
-def test_shapes_that_keep_one_tap_per_k_step(case, why, monkeypatch):
-    kind, b, cin, cout, hw, transposed = case
+def test_shapes_and_feeds_that_keep_one_tap_per_k_step(case, why, monkeypatch):
+    kind, b, cin, cout, hw, transposed, prologue = case
     if kind == "forward":
-        fn, ref = forward_case(b, cin, cout, hw, False, 1, transposed)
+        fn, ref = forward_case(b, cin, cout, hw, prologue, 1, transposed)
     else:   # the dgrad's GEMM output channels are the conv's cin
-        fn, ref = dgrad_case(b, cout, cin, hw, "raw", None, transposed)
+        fn, ref = dgrad_case(b, cout, cin, hw, "bn" if prologue else "raw", None, transposed)
     (y, *_), paired = run(monkeypatch, True, fn)
     assert not paired, why
     assert rel_err(y, ref) < 1e-3
