@@ -1,4 +1,4 @@
-"""Error measures shared by the kernel tests.
+"""Error measures and small helpers shared by the kernel tests.
 
 rel_err: relative Frobenius error against a float64 reference (NaN never passes).
 allowed: the tolerance for one quantity: a fixed floor, or twice the error that eager PyTorch
@@ -20,6 +20,19 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 # tiny-shape tests run under the interpreter only: on a GPU every new shape class is a kernel
 # compile of seconds, and the GPU runs the full-size cases instead
 interpreter_only = pytest.mark.skipif(CUDA, reason="tiny-shape interpreter test; the GPU runs full sizes")
+
+
+def vec(c, lo=-0.5, hi=0.5):
+    """A random per-channel vector (BN scale, shift, ...) of c values in [lo, hi)."""
+    return torch.empty(c, device=DEV).uniform_(lo, hi)
+
+
+def nhwc(t):
+    return t.permute(0, 2, 3, 1)
+
+
+def nchw(t):
+    return t.permute(0, 3, 1, 2)
 
 
 def rel_err(out, ref):

@@ -15,23 +15,11 @@ import torch.nn.functional as F
 from fastdcgan.kernels import implicit_gemm as ig
 from fastdcgan.kernels.activations import ACTIVATIONS
 from fastdcgan.kernels.weights import kernel_view
-from precision import DEV, interpreter_only, rel_err
+from precision import DEV, interpreter_only, nchw, nhwc, rel_err, vec
 
 pytestmark = [pytest.mark.usefixtures("poison"), interpreter_only]
 
 SLOPE = 0.2
-
-
-def vec(c, lo=-0.5, hi=0.5):
-    return torch.empty(c, device=DEV).uniform_(lo, hi)
-
-
-def nhwc(t):
-    return t.permute(0, 2, 3, 1)
-
-
-def nchw(t):
-    return t.permute(0, 3, 1, 2)
 
 
 def run(monkeypatch, pairs, fn):
