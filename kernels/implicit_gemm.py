@@ -238,11 +238,11 @@ def _tap_pair_pass(acc, x_ptr, w_ptr, xrow, ih0, iw, col, row_ok, rk, rn, col_ok
                    TSTEP: tl.constexpr, W_T: tl.constexpr, DOT_PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # acc plus two column taps of every row tap (K = T row taps x CIN) from one A tile, the input
-    # columns iw of the tile's rows. Column tap tw_same reads exactly those; tap tw_moved reads
-    # column iw + s*IS (s = +-1), i.e. the A row of the output s columns on: its products belong to
-    # the row s back, so its accumulator moves by s rows before the sum. The move stays inside the
-    # tile (BLOCK_M is a multiple of the image row's MW outputs); the rows it would take from
-    # beyond an image row (col + s outside [0, MW)) read the zero padding there.
+    # columns iw of the tile's rows (col: a row's output column). Column tap tw_same reads exactly
+    # those; tap tw_moved reads what the tile's row s further on (s = +-1) loads, so the products
+    # with its weights belong s rows back: its accumulator moves by s rows before the sum. The
+    # move stays inside the tile (BLOCK_M is a multiple of the image row's MW outputs); the rows it
+    # would take from beyond an image row (col + s outside [0, MW)) read the zero padding there.
     acc_moved = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, T * CIN, BLOCK_K):
         offs, ok, ci, th = _im2col(k0, rk, xrow, ih0, iw, row_ok, CIN, IH, IW, T * CIN, 1, TSTEP,
@@ -514,7 +514,8 @@ def tap_gemm_kernel(
     #     P[m, j] = sum_ci x[m, ci] * W[kh, kw, ci, co],   j = (kh*4 + kw)*COUT + co,
     # one [pixels, CIN] @ [CIN, 16*COUT] GEMM that reads x (through its prologue) once: the phase
     # GEMMs read it 8 times (2 row taps x 4 phases, column taps paired), in 16-column tiles of
-    # which COUT count, and the operand reads bound them. One program: BLOCK_M input pixels x BLOCK_N columns of fp32 P.
+    # which COUT count, and the operand reads bound them. One program: BLOCK_M input pixels x
+    # BLOCK_N columns of fp32 P.
     # W_T: the data gradient of a conv, whose weight W[kh, kw, co, ci] is read transposed.
     pid_m = tl.program_id(0)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
