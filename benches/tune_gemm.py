@@ -34,17 +34,17 @@ from layer_table import LAYERS
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # gemm: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); bf16 K rows of 64 (128 bytes), fp32 32
-# 5 stages, or a 128-wide K step: deeper pipelines (fp32's last two), for with cp.async loads
-# and one CTA per SM, 3 stages may not cover the L2 latency of a short K iteration. 256 x 64
+# 5 stages, or a 128-wide K step (fp32's last two): deeper pipelines, since with cp.async loads
+# and one CTA per SM 3 stages may not cover the L2 latency of a short K iteration. 256 x 64
 # (bf16, forward and data gradient): for Cout = 64 the weight tile is a third of a 128 x 64 tile's
 # operand bytes per K step, a fifth of a 256 x 64 one's (benches/gemm_model.py: 0.83x the bytes).
 # One stage (the last bf16 forward and data-gradient candidates): no cp.async pipeline, so the
 # tiles load with plain LDG.E.128, which L1 caches (cp.async.cg bypasses it): a transposed conv's
 # phase GEMM reads its input window once per row tap (paired column taps), twice in a row, and
 # the stride-2 conv's taps overlap too; L1 may serve those re-reads that the pipelined kernels
-# fetch from L2 (the bytes
-# bound them: gemm_model.py). Latency is then hidden by occupancy: 24-32 KB of shared memory a CTA
-# (compile_check under triton 3.6, sm_90), so registers decide how many CTAs an SM holds.
+# fetch from L2 (the bytes bound them: gemm_model.py). Latency is then hidden by occupancy:
+# 24-32 KB of shared memory a CTA (compile_check under triton 3.6, sm_90), so registers decide
+# how many CTAs an SM holds.
 FWD_CONFIGS = {
     "bf16": [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
              (128, 128, 32, 8, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 64, 64, 8, 3),
@@ -65,8 +65,9 @@ WGRAD_CONFIGS = {
              (64, 128, 64, 8, 2), (64, 128, 32, 8, 5)],
 }
 # dgrad (the data gradient: BN + activation backward in the prologue, the producer's BN backward
-# sums in the epilogue; same tuple as gemm), within the kernels' register budget for it
-# (implicit_gemm.ACC_REGS: <= 64 accumulator registers per thread, <= 3 stages)
+# sums in the epilogue; same tuple as gemm), fitted by conv_gemm to the kernels' register budget
+# for it (implicit_gemm.ACC_REGS: <= 64 accumulator registers per thread, the forward's 128 with
+# paired column taps; <= 3 stages)
 DGRAD_CONFIGS = {
     "bf16": [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 3), (128, 128, 32, 8, 3),
              (64, 64, 64, 4, 3), (256, 64, 64, 8, 3), (128, 64, 64, 4, 1)],

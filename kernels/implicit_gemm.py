@@ -31,6 +31,10 @@ A stride-2 transposed conv with few output channels (G's last layer, D's first l
 gradient; INPUT_STATIONARY_MAX_COUT) is not phase GEMMs but input-stationary: a GEMM over the
 input pixels producing each pixel's 16 taps' contributions, summed per output pixel by a second
 pass (tap_gemm_kernel, tap_sum_kernel; its weight gradient likewise: tconv_wgrad_kernel).
+
+Stride-2 convs and transposed convs on raw operands pair their column taps (PAIR, _paired_taps):
+one A tile feeds two kernel columns' accumulators, the second moved by an output column before
+the sum, so the input is loaded half as often as one tap per K step would.
 """
 import json
 import os
