@@ -1,7 +1,7 @@
 """fastdcgan.ops.conv_bn_act against nn.Conv2d + nn.BatchNorm2d + activation in float64.
 
-CPU (Triton interpreter, fp32, exact dot): tiny shapes covering every kernel path (aligned and
-flat K, BN train/eval, no BN, GEMV, odd sizes, masked tiles). CUDA: full DCGAN Discriminator
+CPU (Triton interpreter, fp32 with exact dots, and bf16): tiny shapes covering every kernel path
+(aligned and flat K, BN train/eval, no BN, GEMV, odd sizes, masked tiles). CUDA: full DCGAN Discriminator
 layer shapes in fp32 (TF32 and ieee) and bf16.
 """
 import pytest
@@ -53,13 +53,15 @@ CPU_CASES = [
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "b{}_{}to{}_{}x{}_s{}p{}_{}_{}".format(
     c[0], c[1], c[2], c[3], c[3], c[4], c[5], "bn" if c[6] else "nobn", c[7]))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_small(case, training, monkeypatch):
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, GPU_TOL["bf16"])],
+                         ids=["fp32", "bf16"])
+def test_small(case, training, dtype, tol, monkeypatch):
     monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
     b, cin, cout, hw, stride, pad, bn, act = case
     if not bn and not training:
         pytest.skip("no BatchNorm: eval is the same as train")
-    ref, x = make_case(b, cin, cout, hw, stride, pad, bn, act)
-    check(ref, x, torch.float32, stride, pad, act, training, tol=2e-5)
+    ref, x = make_case(b, cin, cout, hw, stride, pad, bn, act, dtype=dtype)
+    check(ref, x, dtype, stride, pad, act, training, tol=tol)
 
 
 @interpreter_only

@@ -212,32 +212,41 @@ def gpu_tiles(monkeypatch):
     yield checker
 
 
-def training_step(checker, width, batch, feed, monkeypatch):
-    """One training step's passes at ngf = ndf = width with the operand feed `feed`
+def training_step(checker, width, batch, feed, monkeypatch, dtype=torch.float32):
+    """One training step's passes at ngf = ndf = width in `dtype` with the operand feed `feed`
     (precision.FEEDS): G forward; D on real and fake in one grouped pass, backward into D; D
     frozen, backward into G. Returns the launches' kinds."""
     use_feed(feed, monkeypatch)
     torch.manual_seed(0)
-    G, D = Generator(ngf=width, backend="triton"), Discriminator(ndf=width, backend="triton")
-    fake = G(torch.randn(batch, 100, 1, 1))
-    real = torch.rand(batch, 3, 64, 64) * 2 - 1
-    D.logits(torch.cat([real, fake.detach()]), groups=2).sum().backward()
+    G = Generator(ngf=width, backend="triton").to(dtype)
+    D = Discriminator(ndf=width, backend="triton").to(dtype)
+    fake = G(torch.randn(batch, 100, 1, 1, dtype=dtype))
+    real = (torch.rand(batch, 3, 64, 64) * 2 - 1).to(dtype)
+    D.logits(torch.cat([real, fake.detach()]), groups=2).float().sum().backward()
     D.requires_grad_(False)
-    D.logits(fake).sum().backward()
+    D.logits(fake).float().sum().backward()
     return [w.split()[0] for w in checker.launches]
 
 
 @interpreter_only
-@pytest.mark.parametrize("feed", ["both-materialized", "prologues"])
-def test_training_step_gemms_at_gpu_tiles(gpu_tiles, feed, monkeypatch):
+@pytest.mark.parametrize("feed, dtype", [("both-materialized", torch.float32),
+                                         ("prologues", torch.float32),
+                                         ("both-materialized", torch.bfloat16)],
+                         ids=["both-materialized-fp32", "prologues-fp32", "both-materialized-bf16"])
+def test_training_step_gemms_at_gpu_tiles(gpu_tiles, feed, dtype, monkeypatch):
     """Every GEMM of a training step with the default feed (activations and dy materialized: raw
-    operands) and through the prologues, at half the DCGAN widths (the interpreter's time: ~3
-    minutes a feed): the layers still have 32-256 channels, so several column tiles, aligned and
-    flat K steps, split weight gradients. At batch 8 D's grouped pass runs as two (D's last layer
-    would need 16 images a group). Checked by hand with training_step(), too slow for CI: full
-    widths at batch 8 in both feeds (tiles.json's entries in the prologue one), and half widths
-    at batch 16, i.e. D's grouped GEMMs."""
-    kinds = training_step(gpu_tiles, 32, 8, feed, monkeypatch)
+    operands) and through the prologues, at half the DCGAN widths (the interpreter's time: ~2-3
+    minutes a case): the layers still have 32-256 channels, so several column tiles, aligned and
+    flat K steps, split weight gradients. In bf16 too (the default feed), whose tiles differ
+    (256-row weight-gradient K tiles, wider paired tiles): each launch within 1e-2 of float64 on
+    its own bf16 inputs, where storing its bf16 output alone errs up to 4e-3. At batch 8 D's
+    grouped pass runs as two (D's last layer would need 16 images a group). Checked by hand with
+    training_step(), too slow for CI: full widths at batch 8 in both feeds, fp32 and bf16
+    (tiles.json's entries in the prologue one), and half widths at batch 16, i.e. D's grouped
+    GEMMs."""
+    if dtype == torch.bfloat16:
+        gpu_tiles.tol = 1e-2
+    kinds = training_step(gpu_tiles, 32, 8, feed, monkeypatch, dtype)
     # forward: G's 5 GEMMs, D's 4 and its last layer's GEMV per pass (3 passes); backward: D's 4
     # data and 5 weight gradients (real and fake), 5 data gradients (frozen pass, into G), G's 4
     # and 5
