@@ -2,7 +2,7 @@
 tap_gemm_kernel + tap_sum_kernel: G's last layer, and the data gradient of D's first layer)
 against float64 PyTorch, for every operand prologue and epilogue it takes, odd sizes included.
 
-CPU (Triton interpreter, exact fp32 dot). The GPU tiles of the same kernels run in
+CPU (Triton interpreter): fp32 with exact dots, and bf16. The GPU tiles of the same kernels run in
 test_gpu_tiles.py, the whole G and D in test_models_triton.py.
 """
 import pytest
@@ -53,12 +53,12 @@ class Launches:
         monkeypatch.setattr(ig, "tap_gemm_kernel", RecordTapGemm())
 
 
-def forward_case(b, cin, cout, hw, pro_act, epi):
-    """A random transposed-conv forward (stride 2, padding 1) through conv_gemm and its float64
-    reference. epi: "tanh" (G's last layer: raw y and tanh(y) stored) or "bn_leaky" (a folded BN +
-    LeakyReLU epilogue, only the activation stored)."""
-    x = torch.randn(b, hw, hw, cin, device=DEV)
-    w = torch.randn(cin, cout, 4, 4, device=DEV) * 0.1
+def forward_case(b, cin, cout, hw, pro_act, epi, dtype):
+    """A random transposed-conv forward (stride 2, padding 1) in `dtype` through conv_gemm and its
+    float64 reference. epi: "tanh" (G's last layer: raw y and tanh(y) stored) or "bn_leaky" (a
+    folded BN + LeakyReLU epilogue, only the activation stored)."""
+    x = torch.randn(b, hw, hw, cin, device=DEV).to(dtype)
+    w = (torch.randn(cin, cout, 4, 4, device=DEV) * 0.1).to(dtype)
     wk = kernel_view(w, True).contiguous()
     oh = ig.conv_out_size(True, 2, 1, hw)
     geom = ig.make_geom(True, 2, 1, hw, hw, oh, oh)
@@ -82,17 +82,17 @@ def forward_case(b, cin, cout, hw, pro_act, epi):
     return want
 
 
-def dgrad_case(b, cin_fwd, cout_fwd, hw, bwd_kind, through):
+def dgrad_case(b, cin_fwd, cout_fwd, hw, bwd_kind, through, dtype):
     """The data gradient of a random conv (stride 2, padding 1, cin_fwd input channels, an hw x hw
-    input) through conv_gemm and its float64 reference. bwd_kind: dy read raw ("raw"), as
-    g*act'(y) ("act") or through the BN backward A*g*act'(y*s + b) + B*y + C ("bn").
+    input) in `dtype` through conv_gemm and its float64 reference. bwd_kind: dy read raw ("raw"),
+    as g*act'(y) ("act") or through the BN backward A*g*act'(y*s + b) + B*y + C ("bn").
     through: the producer's activation the gradient is carried through (EPI_GRAD), or None."""
-    w = torch.randn(cout_fwd, cin_fwd, 4, 4, device=DEV) * 0.1
+    w = (torch.randn(cout_fwd, cin_fwd, 4, 4, device=DEV) * 0.1).to(dtype)
     wk = kernel_view(w, False).contiguous()
     oh = ig.conv_out_size(False, 2, 1, hw)
     geom = ig.make_geom(True, 2, 1, oh, oh, hw, hw)   # the dgrad runs the conv backwards
-    g = torch.randn(b, oh, oh, cout_fwd, device=DEV)
-    yb = torch.randn(b, oh, oh, cout_fwd, device=DEV)
+    g = torch.randn(b, oh, oh, cout_fwd, device=DEV).to(dtype)
+    yb = torch.randn(b, oh, oh, cout_fwd, device=DEV).to(dtype)
     gd, yd = g.double(), yb.double()
     if bwd_kind == "raw":
         bwd, dy = None, gd
@@ -109,7 +109,7 @@ def dgrad_case(b, cin_fwd, cout_fwd, hw, bwd_kind, through):
                                           padding=1))
     grad_act = None
     if through is not None:
-        ey = torch.randn(b, hw, hw, cin_fwd, device=DEV)
+        ey = torch.randn(b, hw, hw, cin_fwd, device=DEV).to(dtype)
         grad_act = (ey, ACTIVATIONS[through], SLOPE)
         ref = ref * act_grad(ey.double(), through)
     y, a, partials = ig.conv_gemm(g if bwd is None else None, wk, geom, cin_fwd, w_t=True, bwd=bwd,
@@ -118,15 +118,19 @@ def dgrad_case(b, cin_fwd, cout_fwd, hw, bwd_kind, through):
     return [(y, ref)]
 
 
-def check_input_stationary(run_case, case, monkeypatch):
-    """run_case(*case)'s outputs match their float64 references (exact fp32 dot), and conv_gemm
-    ran them input-stationary."""
+def check_input_stationary(run_case, case, dtype, monkeypatch):
+    """run_case(*case, dtype)'s outputs match their float64 references (exact fp32 dot; bf16:
+    within 1e-2, where rounding the stored outputs and the prologue's operands to bf16 gives
+    ~3e-3), and conv_gemm ran them input-stationary."""
     monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
     launches = Launches(monkeypatch)
-    for got, want in run_case(*case):
-        assert got.shape == want.shape
-        assert rel_err(got, want) < 1e-5
+    for got, want in run_case(*case, dtype):
+        assert got.shape == want.shape and got.dtype == dtype
+        assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 1e-2)
     assert launches.names == ["tap_gemm_kernel"]
+
+
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 
 
 FORWARD = [  # (batch, cin, cout, hw, producer activation applied in the prologue, epilogue)
@@ -146,14 +150,16 @@ DGRAD = [  # (batch, conv cin, conv cout, conv input hw, dy feed, producer activ
 
 @pytest.mark.parametrize("case", FORWARD, ids=lambda c: "b{}_{}to{}_{}x{}_{}_{}".format(
     c[0], c[1], c[2], c[3], c[3], c[4] or "raw", c[5]))
-def test_forward(case, monkeypatch):
-    check_input_stationary(forward_case, case, monkeypatch)
+@DTYPES
+def test_forward(case, dtype, monkeypatch):
+    check_input_stationary(forward_case, case, dtype, monkeypatch)
 
 
 @pytest.mark.parametrize("case", DGRAD, ids=lambda c: "b{}_{}to{}_{}x{}_{}_{}".format(
     c[0], c[1], c[2], c[3], c[3], c[4], c[5] or "none"))
-def test_data_gradient(case, monkeypatch):
-    check_input_stationary(dgrad_case, case, monkeypatch)
+@DTYPES
+def test_data_gradient(case, dtype, monkeypatch):
+    check_input_stationary(dgrad_case, case, dtype, monkeypatch)
 
 
 def test_batchnorm_statistics_take_the_phase_gemms(monkeypatch):
