@@ -14,6 +14,7 @@ older), so a clean run here is a strong hint, not a proof.
     python benches/compile_check.py                 # B=128 and 512, fp32 and bf16
     python benches/compile_check.py --batches 128 --dtypes bf16 --verbose
     python benches/compile_check.py --batches 512 --dtypes bf16 --loops   # main-loop cost table
+    python benches/compile_check.py --batches 128 --pdl   # the launches of FASTDCGAN_PDL=1
 
 Exits 1 when a kernel fails to compile or needs more shared memory than a block may have (the
 launcher would fall back to fewer stages); spills are reported, not failed (the tile sweep
@@ -81,14 +82,17 @@ class Recorder:
         self.launches.setdefault(key, (fn, sig, consts, div16, num_warps, num_stages))
 
 
-def trace(batches, dtypes):
-    """Runs the traced passes with every kernel launch recorded instead of run."""
+def trace(batches, dtypes, pdl=False):
+    """Runs the traced passes with every kernel launch recorded instead of run (pdl: launched
+    as FASTDCGAN_PDL=1 launches them on an H100)."""
     from fastdcgan import Discriminator, Generator, ops
     from fastdcgan.kernels import implicit_gemm
+    from fastdcgan.kernels import pdl as pdl_module
 
     rec = Recorder()
     implicit_gemm._num_sms = lambda device: 132   # an H100's
     ops._check_device = lambda device: None       # CPU tensors, never launched
+    pdl_module.enabled = lambda device: pdl
     original = JITFunction.run
     JITFunction.run = lambda self, *a, **k: rec.run(self, *a, **k)
     try:
@@ -152,10 +156,12 @@ def main_loop_sass(cubin):
 def compile_one(fn, sig, consts, div16, num_warps, num_stages, loops=False):
     attrs = {(i,): [["tt.divisibility", 16]] for i in div16}
     kernel = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=TARGET,
-                            options=dict(num_warps=num_warps, num_stages=num_stages))
+                            options=dict(num_warps=num_warps, num_stages=num_stages,
+                                         launch_pdl=bool(consts.get("PDL", False))))
     ttgir = kernel.asm["ttgir"]
     regs, stack = _usage(kernel.asm["cubin"])
     return dict(shared=kernel.metadata.shared, regs=regs, spill_bytes=stack,
+                waits=kernel.asm["ptx"].count("griddepcontrol.wait"),
                 async_copies=ttgir.count("async_copy_global_to_local"),
                 wgmma="warp_group_dot" in ttgir,
                 loop_sass=main_loop_sass(kernel.asm["cubin"]) if loops else None)
@@ -172,12 +178,14 @@ def main():
     ap.add_argument("--batches", default="128,512")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--verbose", action="store_true", help="one line per kernel, not only problems")
+    ap.add_argument("--pdl", action="store_true",
+                    help="trace the launches of FASTDCGAN_PDL=1 (programmatic dependent launch)")
     ap.add_argument("--loops", action="store_true",
                     help="also table the GEMMs' main loops: SASS instructions per iteration and "
                          "warp-instructions per FLOP against the issue budget")
     a = ap.parse_args()
     dtypes = [{"fp32": torch.float32, "bf16": torch.bfloat16}[d] for d in a.dtypes.split(",")]
-    launches = trace([int(b) for b in a.batches.split(",")], dtypes)
+    launches = trace([int(b) for b in a.batches.split(",")], dtypes, a.pdl)
     print(f"{len(launches)} distinct kernel specializations traced; compiling for sm_90")
     errors = spilling = 0
     loops = []
@@ -192,9 +200,12 @@ def main():
             print(f"COMPILE ERROR {tag}: {str(e).splitlines()[0][:200]}")
             continue
         over = r["shared"] > SMEM_LIMIT   # launch would fall back to fewer stages
-        errors += over
+        # a kernel launched with PDL must wait for its predecessor (kernels/pdl.py)
+        no_wait = consts.get("PDL", False) and not r["waits"]
+        errors += over + no_wait
         spilling += bool(r["spill_bytes"])
         note = "; ".join(([f"SHARED {r['shared']} > {SMEM_LIMIT}"] if over else [])
+                         + (["PDL LAUNCH WITHOUT griddepcontrol.wait"] if no_wait else [])
                          + ([f"spills {r['spill_bytes']} B/thread"] if r["spill_bytes"] else []))
         if note or a.verbose:
             print(f"{tag}: shared={r['shared']} regs={r['regs']} async_copies={r['async_copies']} "

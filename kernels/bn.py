@@ -31,6 +31,7 @@ from .activations import act_grad, apply_act
 from .grid import cdiv, pow2_divisor
 from .implicit_gemm import _load_operand
 from .memory import new_empty
+from .pdl import grid_dependency_wait, launch_options
 
 # Finalize: one program per 32 channels (128-byte coalesced partial rows) walking the partial
 # rows 128 at a time; at B = 512 the largest layer has ~4k partial rows, i.e. 32 steps per pass.
@@ -67,13 +68,14 @@ def _partial_rows_of_group(t0, g, T, TG, G, BLOCK_T: tl.constexpr):
 def bn_finalize_kernel(mean_t_ptr, m2_t_ptr, cnt_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr,
                        mean_ptr, rstd_ptr, scale_ptr, shift_ptr, batches_ptr, T, TG, G, C, momentum,
                        eps, TRAINING: tl.constexpr, UPDATE: tl.constexpr, COUNT_BATCH: tl.constexpr,
-                       BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                       BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     # Each program owns BLOCK_C channels and, for each of the G batch groups in turn, walks the
     # group's tile partials twice: the batch mean from sum(cnt*mean_t), then
     # M2 = sum(M2_t + cnt*(mean_t - mean)^2) (Chan), in a fixed order; the running stats take
     # the groups' statistics one after the other, as G separate BatchNorm calls would. Partial
     # rows are ordered [process][group][TG rows] (sync BN concatenates the processes' rows).
     # Vectors out: [G, C]. COUNT_BATCH: program 0 also adds G to num_batches_tracked.
+    grid_dependency_wait(PDL)
     if COUNT_BATCH:
         if tl.program_id(0) == 0:
             tl.store(batches_ptr, tl.load(batches_ptr) + G)
@@ -124,9 +126,11 @@ def bn_finalize_kernel(mean_t_ptr, m2_t_ptr, cnt_ptr, gamma_ptr, beta_ptr, rm_pt
 
 @triton.jit
 def bn_apply_kernel(y_ptr, a_ptr, scale_ptr, shift_ptr, R, C, GROUP_ROWS, slope,
-                    ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                    ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                    PDL: tl.constexpr):
     # a = act(y*scale + shift) on a [BLOCK_R, BLOCK_C] tile of the NHWC tensor seen as [R, C];
     # the tile's rows lie in one batch group of GROUP_ROWS rows, whose vectors it reads.
+    grid_dependency_wait(PDL)
     rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m = (rr < R)[:, None] & (rc < C)[None, :]
@@ -142,11 +146,12 @@ def bn_apply_kernel(y_ptr, a_ptr, scale_ptr, shift_ptr, R, C, GROUP_ROWS, slope,
 @triton.jit
 def bn_bwd_reduce_kernel(g_ptr, y_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, s0_ptr, s1_ptr,
                          R, C, GROUP_ROWS, slope, ACT: tl.constexpr, ROWS: tl.constexpr,
-                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     # Each program: ROWS rows (of one batch group of GROUP_ROWS rows) x BLOCK_C channels, walked
     # BLOCK_R rows at a time; dz = g*act'(z) with z = y*scale + shift recomputed from the saved
     # conv output; the column sums of dz and dz*xhat go to row pid_r of the partials (so the
     # rows come out group by group, as bn_bwd_finalize reads them).
+    grid_dependency_wait(PDL)
     pid_r = tl.program_id(0)
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = rc < C
@@ -173,10 +178,11 @@ def bn_bwd_reduce_kernel(g_ptr, y_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
 @triton.jit
 def bn_bwd_apply_kernel(g_ptr, y_ptr, dy_ptr, s_ptr, b_ptr, ca_ptr, cb_ptr, cc_ptr, R, C,
                         GROUP_ROWS, slope, AFFINE: tl.constexpr, ACT: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     # dy = A*g*act'(y*scale + shift) + B*y + C (AFFINE) or g*act'(y) on a [BLOCK_R, BLOCK_C] tile
     # (of one batch group): the GEMMs' BN-backward prologue (MODE 2) written out once, for GEMMs
     # that read it raw.
+    grid_dependency_wait(PDL)
     rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m = (rr < R)[:, None] & (rc < C)[None, :]
@@ -191,11 +197,12 @@ def bn_bwd_apply_kernel(g_ptr, y_ptr, dy_ptr, s_ptr, b_ptr, ca_ptr, cb_ptr, cc_p
 def bn_bwd_finalize_kernel(s0_ptr, s1_ptr, T, TG, G, C, count, grad_scale, gamma_ptr, mean_ptr,
                            rstd_ptr, dgamma_ptr, dbeta_ptr, ca_ptr, cb_ptr, cc_ptr,
                            TRAINING: tl.constexpr, ACCUMULATE: tl.constexpr,
-                           BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                           BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     # Each program reduces, per batch group, the group's partial rows of BLOCK_C channels (rows
     # ordered as in bn_finalize_kernel; fixed order: deterministic), emits the group's [G, C]
     # coefficients of dy = A*dz + B*y + C (count: rows per group), and grad_scale*dgamma,
     # grad_scale*dbeta summed over the groups (added to the buffers with ACCUMULATE).
+    grid_dependency_wait(PDL)
     rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = rc < C
     gamma = tl.load(gamma_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)
@@ -257,7 +264,8 @@ def bn_finalize(partials, gamma, beta, running_mean, running_var, *, training, m
         mean_t, m2_t, cnt, gamma, beta, rm, rv, mean, rstd, scale, shift,
         batches_tracked if batches_tracked is not None else mean, t, t_local // groups, groups, c,
         float(momentum), float(eps), TRAINING=training, UPDATE=update,
-        COUNT_BATCH=batches_tracked is not None, BLOCK_T=FIN_BLOCK_T, BLOCK_C=FIN_BLOCK_C)
+        COUNT_BATCH=batches_tracked is not None, BLOCK_T=FIN_BLOCK_T, BLOCK_C=FIN_BLOCK_C,
+        **launch_options(dev))
     return mean, rstd, scale, shift
 
 
@@ -275,7 +283,7 @@ def bn_apply(y, scale, shift, act, slope, out_dtype, groups=1):
     a = new_empty(y.shape, y.device, out_dtype)
     grid = (cdiv(r, block_r), cdiv(c, EW_BLOCK_C))
     bn_apply_kernel[grid](y, a, scale, shift, r, c, group_rows, float(slope), ACT=act,
-                          BLOCK_R=block_r, BLOCK_C=EW_BLOCK_C)
+                          BLOCK_R=block_r, BLOCK_C=EW_BLOCK_C, **launch_options(y.device))
     return a
 
 
@@ -289,7 +297,7 @@ def bn_bwd_reduce(g, y, scale, shift, mean, rstd, act, slope, groups=1):
     s1 = new_empty((t, c), y.device)
     bn_bwd_reduce_kernel[(t, cdiv(c, EW_BLOCK_C))](
         g, y, scale, shift, mean, rstd, s0, s1, r, c, group_rows, float(slope), ACT=act, ROWS=rows,
-        BLOCK_R=min(EW_BLOCK_R, rows), BLOCK_C=EW_BLOCK_C)
+        BLOCK_R=min(EW_BLOCK_R, rows), BLOCK_C=EW_BLOCK_C, **launch_options(y.device))
     return s0, s1
 
 
@@ -304,7 +312,8 @@ def bn_bwd_apply(bwd, groups=1):
     vec = (bwd.scale, bwd.shift, bwd.ca, bwd.cb, bwd.cc) if aff else (y,) * 5
     grid = (cdiv(r, block_r), cdiv(c, EW_BLOCK_C))
     bn_bwd_apply_kernel[grid](bwd.g, y, dy, *vec, r, c, group_rows, float(bwd.slope), AFFINE=aff,
-                              ACT=bwd.act, BLOCK_R=block_r, BLOCK_C=EW_BLOCK_C)
+                              ACT=bwd.act, BLOCK_R=block_r, BLOCK_C=EW_BLOCK_C,
+                              **launch_options(y.device))
     return dy
 
 
@@ -330,7 +339,8 @@ def bn_bwd_finalize(partials, gamma, mean, rstd, count, *, training, grads=None,
     bn_bwd_finalize_kernel[(cdiv(c, FIN_BLOCK_C),)](
         s0, s1, s0.shape[0], t_local // groups, groups, c, float(count // groups), grad_scale,
         gamma, mean, rstd, dgamma, dbeta, *coeffs, TRAINING=training,
-        ACCUMULATE=grads is not None, BLOCK_T=FIN_BLOCK_T, BLOCK_C=FIN_BLOCK_C)
+        ACCUMULATE=grads is not None, BLOCK_T=FIN_BLOCK_T, BLOCK_C=FIN_BLOCK_C,
+        **launch_options(dev))
     if grads is not None:
         dgamma = dbeta = None
     return (dgamma, dbeta, *coeffs)

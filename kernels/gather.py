@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from .grid import cdiv
+from .pdl import grid_dependency_wait, launch_options
 
 # One program: BLOCK elements (16 KB of fp32 output) of one image; images are 64*64*3 = 12288
 # bytes, so a 64x64 batch of 128 is 128 x 3 programs.
@@ -16,7 +17,9 @@ BLOCK = 4096
 
 
 @triton.jit
-def gather_normalize_kernel(src_ptr, idx_ptr, out_ptr, IMAGE, scale, shift, BLOCK: tl.constexpr):
+def gather_normalize_kernel(src_ptr, idx_ptr, out_ptr, IMAGE, scale, shift, BLOCK: tl.constexpr,
+                            PDL: tl.constexpr):
+    grid_dependency_wait(PDL)
     img = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < IMAGE
@@ -32,5 +35,6 @@ def gather_normalize(images_u8, idx, scale, shift):
     out = torch.empty(idx.numel(), h, w, c, device=images_u8.device)
     image = h * w * c
     gather_normalize_kernel[(idx.numel(), cdiv(image, BLOCK))](
-        images_u8, idx, out, image, float(scale), float(shift), BLOCK=BLOCK, enable_fp_fusion=False)
+        images_u8, idx, out, image, float(scale), float(shift), BLOCK=BLOCK, enable_fp_fusion=False,
+        **launch_options(images_u8.device))
     return out.permute(0, 3, 1, 2)

@@ -50,6 +50,7 @@ from .activations import act_grad, apply_act
 from .grid import cdiv, next_power_of_2, pow2_divisor
 from .interpreter import fix_bf16_dot
 from .memory import new_empty
+from .pdl import grid_dependency_wait, launch_options
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if INTERPRET:
@@ -311,6 +312,7 @@ def conv_gemm_kernel(
     PHW: tl.constexpr, T: tl.constexpr, IS: tl.constexpr, OS: tl.constexpr, PIN: tl.constexpr,
     TSTEP: tl.constexpr, ALIGNED: tl.constexpr, W_T: tl.constexpr, DOT_PREC: tl.constexpr,
     PAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # One program: a [BLOCK_M output pixels, BLOCK_N output channels] tile of one phase, K looped
     # in BLOCK_K steps. Grid (column tiles, phases, row tiles), scheduled axis 0 fastest: the
@@ -329,6 +331,7 @@ def conv_gemm_kernel(
     # ordered (group, phase, tile) so that bn_finalize reads each group's rows together.
     # PAIR (a stride-2 conv or transposed conv on raw operands, BLOCK_M a multiple of MW): column
     # taps in pairs share their A tiles (_paired_taps).
+    grid_dependency_wait(PDL)
     pid_n = tl.program_id(0)
     phase = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -406,6 +409,7 @@ def conv_wgrad_kernel(
     PHW: tl.constexpr, T: tl.constexpr, IS: tl.constexpr, OS: tl.constexpr, PIN: tl.constexpr,
     TSTEP: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # Weight gradient dW[taps of phase] = im2col(x)^T @ dy as a split-K GEMM: one program owns a
     # [BLOCK_K weight rows (th, tw, ci), BLOCK_N output channels] tile and one of SPLIT slices of
@@ -415,6 +419,7 @@ def conv_wgrad_kernel(
     # prologue (MODE 2), so neither is materialized. GROUPED (batch groups): each group of
     # GROUP_ROWS rows per phase is cut into GROUP_SPLIT of the slices, so a program's rows lie in
     # one group, whose [group, C] BN vectors both prologues read.
+    grid_dependency_wait(PDL)
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     phase = tl.program_id(2) // SPLIT
@@ -466,6 +471,7 @@ def tconv_wgrad_kernel(
     PRO: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_ACT: tl.constexpr,
     OUT_MODE: tl.constexpr, OUT_AFFINE: tl.constexpr, OUT_ACT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # Weight gradient of a stride-2, padding-1 transposed conv with few output channels (G's last
     # layer: 3), input-stationary: output pixel o = 2i + k - 1 per dim, so
@@ -476,6 +482,7 @@ def tconv_wgrad_kernel(
     # dy gathered, j = (kh*4 + kw)*COUT + co (48 columns for 3 channels). One program: a
     # [BLOCK_K channels ci, BLOCK_N columns j] tile over a slice of M_SPLIT pixels, added into the
     # fp32 kernel-layout dw with atomics. Operands through their prologues as in conv_wgrad_kernel.
+    grid_dependency_wait(PDL)
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     m_lo = tl.program_id(2) * M_SPLIT
@@ -514,6 +521,7 @@ def tap_gemm_kernel(
     CIN: tl.constexpr, COUT: tl.constexpr, PRO: tl.constexpr, PRO_AFFINE: tl.constexpr,
     PRO_ACT: tl.constexpr, W_T: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # Input-stationary stride-2 transposed conv with few output channels (G's last layer; the
     # data gradient of D's first layer), step 1 of 2: each input pixel's contribution to each of
@@ -524,6 +532,7 @@ def tap_gemm_kernel(
     # which COUT count, and the operand reads bound them. One program: BLOCK_M input pixels x
     # BLOCK_N columns of fp32 P.
     # W_T: the data gradient of a conv, whose weight W[kh, kw, co, ci] is read transposed.
+    grid_dependency_wait(PDL)
     pid_m = tl.program_id(0)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rm < M
@@ -555,11 +564,13 @@ def tap_sum_kernel(
     COUT: tl.constexpr, IH: tl.constexpr, IW: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr,
     STORE_Y: tl.constexpr, STORE_A: tl.constexpr, EPI_AFFINE: tl.constexpr, EPI_ACT: tl.constexpr,
     EPI_GRAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # Step 2 of 2: out[n, oh, ow, co] = the sum of its 4 contributions in P: output row oh comes
     # from kernel rows kh = (oh + 1) % 2 and kh + 2 of input rows ih = (oh + 1 - kh) / 2 (the
     # same for columns); then conv_gemm_kernel's epilogue (no BN statistics). One program:
     # BLOCK_P output pixels x all COUT channels; P's rows are read once over all programs.
+    grid_dependency_wait(PDL)
     rp = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = rp < NPIX
     co = tl.arange(0, BLOCK_C)
@@ -592,12 +603,13 @@ def gemv_kernel(x_ptr, w_ptr, y_ptr, a_ptr, ps_ptr, pb_ptr, NB, K, CIN, COUT, GR
                 pro_slope, epi_slope,
                 PRO: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_ACT: tl.constexpr,
                 STORE_Y: tl.constexpr, STORE_A: tl.constexpr, EPI_ACT: tl.constexpr,
-                BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     # A conv whose kernel covers the whole input (D's last layer, 4x4 -> 1x1, Cout = 1) is a GEMV
     # out[n, co] = sum_k x[n, k] W[k, co] with k = (h, w, ci) = the NHWC image. One program: BLOCK_B
     # images x one output channel, K streamed in BLOCK_K chunks on CUDA cores (a 16-wide tensor-core
     # tile would be 15/16 padding), fp32 FMAs, the producer's BN + activation applied on load
     # (the BLOCK_B images lie in one batch group of GROUP_IMAGES, whose BN vectors they take).
+    grid_dependency_wait(PDL)
     rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     co = tl.program_id(1)
     pro_g = (tl.program_id(0) * BLOCK_B) // GROUP_IMAGES * CIN
@@ -1043,7 +1055,7 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
                   STATS=stats, EPI_GRAD=grad_act is not None, GROUPED=grouped, PHW=geom.phw,
                   T=geom.t, IS=geom.in_s, OS=geom.out_s, PIN=geom.pin, TSTEP=geom.tstep,
                   ALIGNED=aligned, W_T=w_t, DOT_PREC=_dot_prec(dtype, geom.t * geom.t * cin),
-                  PAIR=pair, BLOCK_M=bm, BLOCK_K=bk)
+                  PAIR=pair, BLOCK_M=bm, BLOCK_K=bk, **launch_options(dev))
     tiles = [({"BLOCK_N": bn}, w, s) for bn, w, s in cands]
     grid = lambda meta: (cdiv(cout, meta["BLOCK_N"]), geom.phases, n_mt)  # noqa: E731
     launch(conv_gemm_kernel, grid, args, consts, tiles,
@@ -1076,14 +1088,15 @@ def _tconv_input_stationary(xin, gin, w, w_t, geom, cout, prologue, y, a, epilog
     tap_gemm_kernel[(cdiv(m, bm), cdiv(16 * cout, bn))](
         xin, gin, w, p, *pvec, m, float(p_slope), CIN=cin, COUT=cout, PRO=mode, PRO_AFFINE=p_aff,
         PRO_ACT=p_act, W_T=w_t, DOT_PREC=_dot_prec(xin.dtype, cin), BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        BLOCK_K=bk, num_warps=warps, num_stages=stages, **launch_options(xin.device))
     npix = nb * geom.oh * geom.ow
     es, eb, _, _, ey = evec
     tap_sum_kernel[(cdiv(npix, TAP_SUM_BLOCK),)](
         p, y if y is not None else p, a if a is not None else p, es, eb, ey, npix, float(e_slope),
         COUT=cout, IH=ih, IW=iw, OH=geom.oh, OW=geom.ow, STORE_Y=y is not None,
         STORE_A=a is not None, EPI_AFFINE=e_aff, EPI_ACT=e_act, EPI_GRAD=epi_grad,
-        BLOCK_P=TAP_SUM_BLOCK, BLOCK_C=next_power_of_2(cout), num_warps=4)
+        BLOCK_P=TAP_SUM_BLOCK, BLOCK_C=next_power_of_2(cout), num_warps=4,
+        **launch_options(xin.device))
 
 
 def conv_wgrad(x, pro, bwd, geom, dw=None, groups=1):
@@ -1133,7 +1146,7 @@ def conv_wgrad(x, pro, bwd, geom, dw=None, groups=1):
                   OUT_MODE=out_mode, OUT_AFFINE=q_aff, OUT_ACT=bwd.act, GROUPED=grouped,
                   PHW=geom.phw, T=geom.t, IS=geom.in_s, OS=geom.out_s, PIN=geom.pin,
                   TSTEP=geom.tstep, ALIGNED=aligned, DOT_PREC=_dot_prec(dtype), BLOCK_N=bn,
-                  BLOCK_K=bk)
+                  BLOCK_K=bk, **launch_options(x.device))
     tiles = [({"BLOCK_M": bm}, w, s) for bm, w, s in cands]
     grid = (cdiv(ktot, bk), cdiv(cout, bn), geom.phases * split)
     launch(conv_wgrad_kernel, lambda meta: grid, args, consts, tiles,
@@ -1178,7 +1191,8 @@ def _tconv_wgrad(x, pro, bwd, out_mode, geom, dw, pvec, qvec):
         float(bwd.slope), CIN=cin, COUT=cout, IH=ih, IW=iw, OH=geom.oh, OW=geom.ow,
         PRO=1 if pro is not None else 0, PRO_AFFINE=_affine(pro), PRO_ACT=pro.act if pro else 0,
         OUT_MODE=out_mode, OUT_AFFINE=_affine(bwd), OUT_ACT=bwd.act, DOT_PREC=_dot_prec(dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        **launch_options(x.device))
     return dw
 
 
@@ -1206,5 +1220,5 @@ def gemv(x, w, cout, *, pro=None, epi=None, store_y=True, store_a=False, groups=
         float(pro.slope if pro else 0.0), float(epi.slope if epi else 0.0),
         PRO=1 if pro is not None else 0, PRO_AFFINE=p_aff, PRO_ACT=pro.act if pro else 0,
         STORE_Y=store_y, STORE_A=store_a, EPI_ACT=epi.act if epi else 0,
-        BLOCK_B=block_b, BLOCK_K=GEMV_BLOCK_K)
+        BLOCK_B=block_b, BLOCK_K=GEMV_BLOCK_K, **launch_options(x.device))
     return y, a

@@ -8,10 +8,19 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_training_kernels_compile_for_sm90():
+def compile_check(*args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benches", "compile_check.py"),
-                        "--batches", "128"], capture_output=True, text=True, env=env, timeout=1200)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benches", "compile_check.py"), *args],
+                       capture_output=True, text=True, env=env, timeout=1200)
     out = r.stdout + r.stderr
     assert "distinct kernel specializations traced" in r.stdout, out[-3000:]
     assert r.returncode == 0, out[-3000:]
+
+
+def test_training_kernels_compile_for_sm90():
+    compile_check("--batches", "128")
+
+
+def test_training_kernels_compile_for_sm90_with_pdl():
+    """FASTDCGAN_PDL=1's specializations (bf16): each compiles with its griddepcontrol.wait."""
+    compile_check("--batches", "128", "--dtypes", "bf16", "--pdl")
