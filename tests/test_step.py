@@ -11,7 +11,7 @@ from fastdcgan import Discriminator, Generator
 from fastdcgan.data import EpochBatches, load_dataset
 from fastdcgan.optim import FusedAdam
 from fastdcgan.step import CapturedStep, EagerStep, GanStep, _frozen
-from precision import interpreter_only, needs_cuda, rel_err
+from precision import CUDA, interpreter_only, needs_cuda, rel_err
 
 NZ = 16
 
@@ -165,6 +165,16 @@ def _cos(a, b):
     return (a @ b / (a.norm() * b.norm())).item()
 
 
+def _assert_agrees(ours, eager, again, floor, min_cos):
+    """ours = (stats, update) agrees with an eager run as closely as a second eager run `again`
+    does (or within the floor), and moves the parameters the same way."""
+    (stats, update), (eager_stats, eager_update), (again_stats, again_update) = ours, eager, again
+    for i, (a, b, c) in enumerate(zip(eager_stats, again_stats, stats)):
+        for k in a:
+            assert rel_err(c[k], a[k]) <= max(floor, 4 * rel_err(b[k], a[k])), (i, k)
+    assert _cos(update, eager_update) >= min(min_cos, _cos(again_update, eager_update) - 0.02)
+
+
 @needs_cuda
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("precision, floor, min_cos", [("fp32", 1e-2, 0.99), ("bf16", 3e-2, 0.95)])
@@ -174,13 +184,22 @@ def test_captured_step_equals_uncaptured(backend, precision, floor, min_cos):
     atomics) and a GAN amplifies that within steps (D(G(z)) ~ 1e-2 here), so the captured run
     must agree with an eager run as closely as a second eager run does (or within the floor),
     and move the parameters the same way."""
-    eager, eager_update = _run(backend, precision, captured=False)
-    again, again_update = _run(backend, precision, captured=False)
-    ours, ours_update = _run(backend, precision, captured=True)
-    for i, (a, b, c) in enumerate(zip(eager, again, ours)):
-        for k in a:
-            assert rel_err(c[k], a[k]) <= max(floor, 4 * rel_err(b[k], a[k])), (i, k)
-    assert _cos(ours_update, eager_update) >= min(min_cos, _cos(again_update, eager_update) - 0.02)
+    eager = _run(backend, precision, captured=False)
+    again = _run(backend, precision, captured=False)
+    _assert_agrees(_run(backend, precision, captured=True), eager, again, floor, min_cos)
+
+
+@needs_cuda
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs sm_90+")
+def test_captured_step_with_pdl_equals_uncaptured(monkeypatch):
+    """FASTDCGAN_PDL=1 (kernels/pdl.py): the captured bf16 step, whose graph then has
+    programmatic edges (each kernel launched before its predecessor ends, waiting for it on the
+    GPU), agrees with eager steps without PDL as closely as two of those do."""
+    eager = _run("triton", "bf16", captured=False)
+    again = _run("triton", "bf16", captured=False)
+    monkeypatch.setenv("FASTDCGAN_PDL", "1")
+    _assert_agrees(_run("triton", "bf16", captured=True), eager, again, 3e-2, 0.95)
 
 
 @needs_cuda
