@@ -76,23 +76,26 @@ def conv64(x, wk, geom, w_t):
 
 
 def operand64(x, pro, bwd, groups):
-    """What a GEMM reads, in float64: x raw, act(x*scale + shift) (pro), or dy (bwd)."""
+    """What a GEMM reads, in float64: x raw, act(x*scale + shift) (pro), or dy (bwd); a
+    transformed operand rounded to the stored dtype, as the kernel rounds it for its dot."""
     if bwd is not None:
         if isinstance(bwd, torch.Tensor):
             return bwd.double()
         y = bwd.y.double()
         if bwd.scale is None:
-            return bwd.g.double() * act_grad(y, bwd.act, bwd.slope)
-        z = y * per_group(bwd.scale, groups, y) + per_group(bwd.shift, groups, y)
-        dz = bwd.g.double() * act_grad(z, bwd.act, bwd.slope)
-        return (per_group(bwd.ca, groups, y) * dz + per_group(bwd.cb, groups, y) * y
-                + per_group(bwd.cc, groups, y))
-    x = x.double()
+            dy = bwd.g.double() * act_grad(y, bwd.act, bwd.slope)
+        else:
+            z = y * per_group(bwd.scale, groups, y) + per_group(bwd.shift, groups, y)
+            dz = bwd.g.double() * act_grad(z, bwd.act, bwd.slope)
+            dy = (per_group(bwd.ca, groups, y) * dz + per_group(bwd.cb, groups, y) * y
+                  + per_group(bwd.cc, groups, y))
+        return dy.to(bwd.g.dtype).double()
     if pro is None:
-        return x
+        return x.double()
+    z = x.double()
     if pro.scale is not None:
-        x = x * per_group(pro.scale, groups, x) + per_group(pro.shift, groups, x)
-    return act64(x, pro.act, pro.slope)
+        z = z * per_group(pro.scale, groups, z) + per_group(pro.shift, groups, z)
+    return act64(z, pro.act, pro.slope).to(x.dtype).double()
 
 
 def close(out, ref, tol, what, slack=None):
@@ -238,14 +241,15 @@ def test_training_step_gemms_at_gpu_tiles(gpu_tiles, feed, dtype, monkeypatch):
     operands) and through the prologues, at half the DCGAN widths (the interpreter's time: ~2-3
     minutes a case): the layers still have 32-256 channels, so several column tiles, aligned and
     flat K steps, split weight gradients. In bf16 too (the default feed), whose tiles differ
-    (256-row weight-gradient K tiles, wider paired tiles): each launch within 1e-2 of float64 on
-    its own bf16 inputs, where storing its bf16 output alone errs up to 4e-3. At batch 8 D's
+    (256-row weight-gradient K tiles, wider paired tiles): each launch within 6e-3 of float64 on
+    its own bf16 inputs (rounding the output to bf16 alone errs up to 2e-3; measured at most
+    3.3e-3 at full width). At batch 8 D's
     grouped pass runs as two (D's last layer would need 16 images a group). Checked by hand with
     training_step(), too slow for CI: full widths at batch 8 in both feeds, fp32 and bf16
     (tiles.json's entries in the prologue one), and half widths at batch 16, i.e. D's grouped
     GEMMs."""
     if dtype == torch.bfloat16:
-        gpu_tiles.tol = 1e-2
+        gpu_tiles.tol = 6e-3
     kinds = training_step(gpu_tiles, 32, 8, feed, monkeypatch, dtype)
     # forward: G's 5 GEMMs, D's 4 and its last layer's GEMV per pass (3 passes); backward: D's 4
     # data and 5 weight gradients (real and fake), 5 data gradients (frozen pass, into G), G's 4
