@@ -42,7 +42,8 @@ def _capability(device_index):
 def enabled(device):
     """FASTDCGAN_PDL=1 (read at call time) on a CUDA GPU of compute capability 9.0 or newer
     (griddepcontrol is sm_90 PTX). Never under the Triton interpreter."""
-    if os.environ.get("FASTDCGAN_PDL", "0") != "1" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if (os.environ.get("FASTDCGAN_PDL", "0") != "1"
+            or os.environ.get("TRITON_INTERPRET", "0") == "1"):
         return False
     return device.type == "cuda" and _capability(device.index if device.index is not None
                                                  else torch.cuda.current_device()) >= 9

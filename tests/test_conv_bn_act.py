@@ -1,8 +1,8 @@
 """fastdcgan.ops.conv_bn_act against nn.Conv2d + nn.BatchNorm2d + activation in float64.
 
 CPU (Triton interpreter, fp32 with exact dots, and bf16): tiny shapes covering every kernel path
-(aligned and flat K, BN train/eval, no BN, GEMV, odd sizes, masked tiles). CUDA: full DCGAN Discriminator
-layer shapes in fp32 (TF32 and ieee) and bf16.
+(aligned and flat K, BN train/eval, no BN, GEMV, odd sizes, masked tiles). CUDA: full DCGAN
+Discriminator layer shapes in fp32 (TF32 and ieee) and bf16.
 """
 import pytest
 import torch

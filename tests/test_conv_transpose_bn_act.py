@@ -1,9 +1,9 @@
 """fastdcgan.ops.conv_transpose_bn_act against nn.ConvTranspose2d + nn.BatchNorm2d + activation
 in float64.
 
-CPU (Triton interpreter, fp32 with exact dots, and bf16): tiny shapes covering the 4-phase stride-2 GEMMs, the
-16-phase 1x1 -> 4x4 first layer, the flipped-kernel stride-1 path, Cout = 3, odd sizes, BN
-train/eval. CUDA: full DCGAN Generator layer shapes in fp32 (TF32 and ieee) and bf16.
+CPU (Triton interpreter, fp32 with exact dots, and bf16): tiny shapes covering the 4-phase
+stride-2 GEMMs, the 16-phase 1x1 -> 4x4 first layer, the flipped-kernel stride-1 path, Cout = 3,
+odd sizes, BN train/eval. CUDA: full DCGAN Generator layer shapes in fp32 (TF32 and ieee) and bf16.
 """
 import pytest
 import torch
