@@ -871,10 +871,12 @@ def _affine(operand):
 
 
 # fp32 GEMMs with a reduction this short (D's first layer: K = 3*16, G's first: K = nz = 100) are
-# memory-bound, so they use 3xTF32 (fp32-accurate) at no cost in time: with plain TF32 their
+# memory-bound, so they run in exact fp32 (FMA dots) at little cost in time: with plain TF32 their
 # outputs' rounding flips the sign of pre-activations near zero, and the ReLU/LeakyReLU
 # derivative with them, which the data gradient then carries (cuDNN runs these small-K
-# convolutions in exact fp32).
+# convolutions in exact fp32). Not 3xTF32: Triton 3.6's "tf32x3" gave D's first layer outputs
+# 64% off on the H100 (its split operands go from registers into a transposed 32-bit shared
+# layout for the wgmma).
 EXACT_K_MAX = 128
 
 
@@ -893,7 +895,7 @@ def _dot_prec(dtype, ktot=None):
         return "tf32"   # ignored for 16-bit operands
     prec = fp32_precision()
     if prec == "tf32" and ktot is not None and ktot <= EXACT_K_MAX:
-        return "tf32x3"
+        return "ieee"
     return prec
 
 

@@ -151,13 +151,13 @@ def test_dcgan_layers_gpu(layer, mode, training, monkeypatch):
 
 def test_short_reductions_use_fp32_accurate_dots(monkeypatch):
     """TF32 GEMMs, except the memory-bound ones with K <= 128 (D's first layer, G's first):
-    3xTF32 there, so their rounding does not flip activation derivatives (as cuDNN's exact
+    exact fp32 there, so their rounding does not flip activation derivatives (as cuDNN's exact
     small-K kernels do not); FASTDCGAN_FP32_PRECISION=ieee makes every fp32 GEMM exact."""
     from fastdcgan.kernels.implicit_gemm import _dot_prec
 
     monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "tf32")
-    assert _dot_prec(torch.float32, 3 * 16) == "tf32x3"
-    assert _dot_prec(torch.float32, 100) == "tf32x3"
+    assert _dot_prec(torch.float32, 3 * 16) == "ieee"
+    assert _dot_prec(torch.float32, 100) == "ieee"
     assert _dot_prec(torch.float32, 64 * 4) == "tf32"
     assert _dot_prec(torch.float32) == "tf32"
     monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
