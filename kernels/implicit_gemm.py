@@ -1081,15 +1081,20 @@ def _tconv_input_stationary(xin, gin, w, w_t, geom, cout, prologue, y, a, epilog
     m = nb * ih * iw
     p = new_empty((m, 16 * cout), xin.device)
     bn = next_power_of_2(16 * cout)
+    prec = _dot_prec(xin.dtype, cin)
     if INTERPRET:
         bm, bk, warps, stages = (32 if m <= 1024 else 512), 16, 4, 1
+    elif prec == "ieee":
+        # an FMA dot holds each thread's rows and columns of both operand tiles for the whole K
+        # step: 16-wide steps (tl.dot's least) of a 64-row tile (128 x 64 spilled ~800 B/thread)
+        bm, bk, warps, stages = 64, 16, 4, 2
     else:
         # one K step for CIN = 64 (the DCGAN's): nothing to pipeline, so 2 stages, leaving
         # shared memory for several programs per SM
         bm, bk, warps, stages = 128, _pow2_clamp(cin, 16, 64), 4, 2
     tap_gemm_kernel[(cdiv(m, bm), cdiv(16 * cout, bn))](
         xin, gin, w, p, *pvec, m, float(p_slope), CIN=cin, COUT=cout, PRO=mode, PRO_AFFINE=p_aff,
-        PRO_ACT=p_act, W_T=w_t, DOT_PREC=_dot_prec(xin.dtype, cin), BLOCK_M=bm, BLOCK_N=bn,
+        PRO_ACT=p_act, W_T=w_t, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_K=bk, num_warps=warps, num_stages=stages, **launch_options(xin.device))
     npix = nb * geom.oh * geom.ow
     es, eb, _, _, ey = evec
