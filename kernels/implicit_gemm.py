@@ -51,6 +51,7 @@ from .grid import cdiv, next_power_of_2, pow2_divisor
 from .interpreter import fix_bf16
 from .memory import new_empty
 from .pdl import grid_dependency_wait, launch_options
+from .weights import k_major
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if INTERPRET:
@@ -1001,8 +1002,8 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
     """Runs conv_gemm_kernel over all phases.
 
     x: NHWC input [N, IH, IW, CIN] (with prologue `pro`: Xform) or, for the dgrad, `bwd`
-    (BwdOperand whose y/g are the input). w: the kernel-layout weight [4, 4, CIN, cout], or with
-    w_t (the data gradient) [4, 4, cout, CIN]. Returns (y, a, partials): y the raw output (store_y),
+    (BwdOperand whose y/g are the input). w: the kernel-layout weight [4, 4, CIN, cout] (an fp32
+    forward reads a K-major copy, k_major), or with w_t (the data gradient) [4, 4, cout, CIN]. Returns (y, a, partials): y the raw output (store_y),
     a = act(y*epi.scale + epi.shift) (store_a), partials per `stats` (1: BN forward (mean_t, m2_t,
     cnt); 2: BN backward sums of the producer `prod` = (y, scale, shift, mean, rstd, act, slope)).
     grad_act: (y, act, slope) of a producer without BatchNorm: y is stored times act'(y there),
@@ -1027,6 +1028,13 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
         _tconv_input_stationary(xin, gin, w, w_t, geom, cout, (mode, p_aff, p_act, p_slope, pvec),
                                 y, a, (e_aff, e_act, e_slope, evec), grad_act is not None)
         return y, a, None
+    # TF32 wgmma takes its shared-memory B operand K-major only: from the N-major forward weight
+    # [4, 4, CIN, cout] Triton transposes every B tile with 4-byte cp.async copies (the fp32
+    # forward GEMMs ran 4-9x slower than bf16 on the H100, the data gradients, reading W K-major,
+    # 1.5x), so an fp32 forward reads a K-major copy [4, 4, cout, CIN] (W_T's layout) instead
+    w_kmajor = w_t or dtype == torch.float32
+    if w_kmajor and not w_t:
+        w = k_major(w)
     m = nb * geom.mh * geom.mw
     bm, bk, aligned, pair, cands = _gemm_tile(geom, cin, cout, m, dtype, w_t, mode)
     group_tiles = None
@@ -1056,7 +1064,7 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
                   PRO_ACT=p_act, STORE_Y=store_y, STORE_A=store_a, EPI_AFFINE=e_aff, EPI_ACT=e_act,
                   STATS=stats, EPI_GRAD=grad_act is not None, GROUPED=grouped, PHW=geom.phw,
                   T=geom.t, IS=geom.in_s, OS=geom.out_s, PIN=geom.pin, TSTEP=geom.tstep,
-                  ALIGNED=aligned, W_T=w_t, DOT_PREC=_dot_prec(dtype, geom.t * geom.t * cin),
+                  ALIGNED=aligned, W_T=w_kmajor, DOT_PREC=_dot_prec(dtype, geom.t * geom.t * cin),
                   PAIR=pair, BLOCK_M=bm, BLOCK_K=bk, **launch_options(dev))
     tiles = [({"BLOCK_N": bn}, w, s) for bn, w, s in cands]
     grid = lambda meta: (cdiv(cout, meta["BLOCK_N"]), geom.phases, n_mt)  # noqa: E731

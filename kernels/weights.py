@@ -114,6 +114,21 @@ def kernel_weights(weights, transposed, dtype):
     return out
 
 
+def k_major(wk):
+    """The kernel-layout weight wk [kh, kw, c_in, c_out] as a contiguous [kh, kw, c_out, c_in]
+    tensor (c_in, a forward GEMM's K, innermost), the layout the data gradient reads W in. Inside
+    training_step() the copy is cached until the weights change."""
+    casts = _scope.casts if _scope is not None else None
+    key = ("k_major", wk.untyped_storage().data_ptr(), wk.storage_offset(), tuple(wk.shape),
+           tuple(wk.stride()), wk.dtype, wk._version)
+    wt = casts.get(key) if casts is not None else None
+    if wt is None:
+        wt = wk.transpose(2, 3).contiguous()
+        if casts is not None:
+            casts[key] = wt
+    return wt
+
+
 def grad_sink(p, kernel_layout_of=None):
     """Inside training_step(): the tensor the kernels should accumulate p's gradient into, i.e.
     p.grad (for a conv weight, `kernel_layout_of` = transposed, seen in kernel layout) when it is
