@@ -131,6 +131,26 @@ def test_an_optimizer_step_alone_invalidates_the_cast():
         assert not torch.equal(after[2], before[2])
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_k_major_is_cout_cin_innermost_and_cached_until_the_weight_changes(transposed):
+    """The fp32 forward GEMMs' weight (TF32 wgmma reads B K-major): [kh, kw, c_out, c_in]."""
+    torch.manual_seed(0)
+    cls = nn.ConvTranspose2d if transposed else nn.Conv2d
+    conv = weights.use_kernel_layout(cls(5, 7, 4, bias=False))
+    wk = weights.kernel_view(conv.weight.detach(), transposed)
+    km = weights.k_major(wk)
+    assert km.shape == (4, 4, 7, 5) and km.is_contiguous()
+    assert torch.equal(km, wk.permute(0, 1, 3, 2))
+    assert weights.k_major(wk).data_ptr() != km.data_ptr()   # outside a step: a new copy
+    with weights.training_step():
+        first = weights.k_major(wk)
+        assert weights.k_major(wk).data_ptr() == first.data_ptr()
+        with torch.no_grad():
+            conv.weight.mul_(2)   # an in-place update bumps the version the cache keys on
+        again = weights.k_major(wk)
+        assert torch.equal(again, 2 * km) and again.data_ptr() != first.data_ptr()
+
+
 def test_grad_sink_only_inside_a_step_and_only_for_an_fp32_grad_of_kernel_layout():
     conv = weights.use_kernel_layout(nn.ConvTranspose2d(4, 6, 4, bias=False))
     w = conv.weight
