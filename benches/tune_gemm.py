@@ -251,8 +251,10 @@ def main():
         print("\n".join(prologue_rows))
     if args.write:
         kept = {k: v for k, v in ig.tile_table().items() if k not in swept}
-        with open(args.write, "w") as f:
-            json.dump({**kept, **best}, f, indent=1, sort_keys=True)
+        table = sorted({**kept, **best}.items())
+        with open(args.write, "w") as f:   # one entry a line, as kernels/tiles.json keeps them
+            f.write("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in table)
+                    + "\n}\n")
         print(f"wrote {len(best)} tuned tiles and kept {len(kept)} unswept entries in {args.write}")
 
 
