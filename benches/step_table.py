@@ -53,6 +53,7 @@ def main():
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--peers", default="eager fp32,graph fp32,graph bf16 CL",
                    help=f"comma-separated subset of {PEERS}, 'all' or 'none'")
+    p.add_argument("--precisions", default="fp32,bf16", help="our step's precisions to time")
     p.add_argument("--uncaptured", action="store_true", help="also time our step without the graph")
     p.add_argument("--feeds", help=f"comma-separated subset of {list(FEEDS)} (default: as the "
                    "environment's FASTDCGAN_MATERIALIZE_ACT / _DY say)")
@@ -69,7 +70,7 @@ def main():
         rows = {}
         for feed in feeds:
             label = set_feed(feed) if feed else ""
-            for precision in ("fp32", "bf16"):
+            for precision in args.precisions.split(","):
                 rows[f"fastdcgan {precision} (CUDA graph{label})"] = median_ms(
                     ours_step(batch, precision), args.steps)
                 if args.uncaptured:
