@@ -33,9 +33,18 @@ from .implicit_gemm import _load_operand
 from .memory import new_empty
 from .pdl import grid_dependency_wait, launch_options
 
-# Finalize: one program per 32 channels (128-byte coalesced partial rows) walking the partial
-# rows 128 at a time; at B = 512 the largest layer has ~4k partial rows, i.e. 32 steps per pass.
-FIN_BLOCK_T, FIN_BLOCK_C = 128, 32
+# Finalize: a serial walk over the partial rows, so its time is the number of dependent steps,
+# not bytes (H100, bf16 step at B=128: 2-4 programs of 32 channels took 7-24 us a launch, 125 us
+# a step). Narrow channel blocks (8 channels: a 32-byte sector a row) give a 64-channel layer 8
+# programs, and a tile of up to FIN_TILE elements walks the rows in few steps.
+FIN_TILE = 8192
+
+
+def _finalize_tiles(c, rows):
+    """(BLOCK_C, BLOCK_T, num_warps) of a finalize over `rows` partial rows of c channels."""
+    block_c = 8 if c <= 128 else (16 if c <= 256 else 32)
+    block_t = min(FIN_TILE // block_c, max(16, triton.next_power_of_2(rows)))
+    return block_c, block_t, 8 if block_c * block_t >= 4096 else 4
 # Elementwise passes over an NHWC tensor viewed as [rows, C]: a 64-row x 64-channel tile keeps
 # the channel vectors in registers and each row's channels contiguous (coalesced). The backward
 # reduction walks RED_ROWS rows per program so that its partial buffer (and the finalize's
@@ -260,12 +269,13 @@ def bn_finalize(partials, gamma, beta, running_mean, running_var, *, training, m
         t = t_local = groups
     rm = running_mean if running_mean is not None else mean
     rv = running_var if running_var is not None else mean
-    bn_finalize_kernel[(cdiv(c, FIN_BLOCK_C),)](
+    block_c, block_t, warps = _finalize_tiles(c, t // groups)
+    bn_finalize_kernel[(cdiv(c, block_c),)](
         mean_t, m2_t, cnt, gamma, beta, rm, rv, mean, rstd, scale, shift,
         batches_tracked if batches_tracked is not None else mean, t, t_local // groups, groups, c,
         float(momentum), float(eps), TRAINING=training, UPDATE=update,
-        COUNT_BATCH=batches_tracked is not None, BLOCK_T=FIN_BLOCK_T, BLOCK_C=FIN_BLOCK_C,
-        **launch_options(dev))
+        COUNT_BATCH=batches_tracked is not None, BLOCK_T=block_t, BLOCK_C=block_c,
+        num_warps=warps, **launch_options(dev))
     return mean, rstd, scale, shift
 
 
@@ -336,10 +346,11 @@ def bn_bwd_finalize(partials, gamma, mean, rstd, count, *, training, grads=None,
     c, dev = gamma.numel(), gamma.device
     dgamma, dbeta = grads if grads is not None else (new_empty((c,), dev), new_empty((c,), dev))
     coeffs = [new_empty((groups * c,), dev) for _ in range(3)]
-    bn_bwd_finalize_kernel[(cdiv(c, FIN_BLOCK_C),)](
+    block_c, block_t, warps = _finalize_tiles(c, s0.shape[0] // groups)
+    bn_bwd_finalize_kernel[(cdiv(c, block_c),)](
         s0, s1, s0.shape[0], t_local // groups, groups, c, float(count // groups), grad_scale,
         gamma, mean, rstd, dgamma, dbeta, *coeffs, TRAINING=training,
-        ACCUMULATE=grads is not None, BLOCK_T=FIN_BLOCK_T, BLOCK_C=FIN_BLOCK_C,
+        ACCUMULATE=grads is not None, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps,
         **launch_options(dev))
     if grads is not None:
         dgamma = dbeta = None
