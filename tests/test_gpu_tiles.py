@@ -241,12 +241,12 @@ def test_training_step_gemms_at_gpu_tiles(gpu_tiles, feed, dtype, monkeypatch):
     operands) and through the prologues, at half the DCGAN widths (the interpreter's time: ~2-3
     minutes a case): the layers still have 32-256 channels, so several column tiles, aligned and
     flat K steps, split weight gradients. In bf16 too (the default feed), whose tiles differ
-    (256-row weight-gradient K tiles, wider paired tiles): each launch within 6e-3 of float64 on
-    its own bf16 inputs (rounding the output to bf16 alone errs up to 2e-3; measured at most
-    3.4e-3 at full width). At batch 8 D's grouped pass runs as two (D's last layer would need 16
-    images a group). Checked by hand with training_step(), too slow for CI: full widths at batch
-    8 in both feeds, fp32 and bf16 (tiles.json's entries in the prologue one), and half widths at
-    batch 16, i.e. D's grouped GEMMs."""
+    (256-row weight-gradient K tiles): each launch within 6e-3 of float64 on its own bf16 inputs
+    (rounding the output to bf16 alone errs up to 2e-3; measured at most 3.4e-3 at full width).
+    At batch 8 D's grouped pass runs as two (D's last layer would need 16 images a group).
+    Checked by hand with training_step(), too slow for CI: full widths at batch 8 in both feeds,
+    fp32 and bf16 (tiles.json's entries in the prologue one), and half widths at batch 16, i.e.
+    D's grouped GEMMs."""
     if dtype == torch.bfloat16:
         gpu_tiles.tol = 6e-3
     kinds = training_step(gpu_tiles, 32, 8, feed, monkeypatch, dtype)
