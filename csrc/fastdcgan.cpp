@@ -36,32 +36,32 @@ void check_adam_args(const at::Tensor& param, const at::Tensor& grad, const at::
   const char* names[] = {"param", "grad", "exp_avg", "exp_avg_sq"};
   for (int i = 0; i < 4; ++i) {
     const at::Tensor& t = *bufs[i];
-    TORCH_CHECK(t.scalar_type() == at::kFloat, "fastdcgan::adam_step: ", names[i],
-                " must be float32, got ", t.scalar_type());
-    TORCH_CHECK(t.is_contiguous(), "fastdcgan::adam_step: ", names[i], " must be contiguous");
-    TORCH_CHECK(t.numel() == n, "fastdcgan::adam_step: ", names[i], " has ", t.numel(),
-                " elements, param has ", n);
-    TORCH_CHECK(t.device() == param.device(), "fastdcgan::adam_step: ", names[i], " is on ",
-                t.device(), ", param on ", param.device());
+    TORCH_CHECK(t.scalar_type() == at::kFloat, message("fastdcgan::adam_step: ", names[i],
+                " must be float32, got ", t.scalar_type()));
+    TORCH_CHECK(t.is_contiguous(), message("fastdcgan::adam_step: ", names[i], " must be contiguous"));
+    TORCH_CHECK(t.numel() == n, message("fastdcgan::adam_step: ", names[i], " has ", t.numel(),
+                " elements, param has ", n));
+    TORCH_CHECK(t.device() == param.device(), message("fastdcgan::adam_step: ", names[i],
+                " is on ", t.device(), ", param on ", param.device()));
   }
   TORCH_CHECK(step.scalar_type() == at::kFloat && step.numel() == 1,
-              "fastdcgan::adam_step: step must be a float32 tensor with one element, got ",
-              step.scalar_type(), " with ", step.numel(), " elements");
-  TORCH_CHECK(step.device() == param.device(), "fastdcgan::adam_step: step is on ", step.device(),
-              ", param on ", param.device());
+              message("fastdcgan::adam_step: step must be a float32 tensor with one element, got ",
+                      step.scalar_type(), " with ", step.numel(), " elements"));
+  TORCH_CHECK(step.device() == param.device(), message("fastdcgan::adam_step: step is on ",
+              step.device(), ", param on ", param.device()));
   if (sync.has_value()) {
     TORCH_CHECK(sync->scalar_type() == at::kInt && sync->numel() >= 1,
                 "fastdcgan::adam_step: sync must be an int32 tensor with one element");
-    TORCH_CHECK(sync->device() == param.device(), "fastdcgan::adam_step: sync is on ",
-                sync->device(), ", param on ", param.device());
+    TORCH_CHECK(sync->device() == param.device(), message("fastdcgan::adam_step: sync is on ",
+                sync->device(), ", param on ", param.device()));
   }
 }
 
 void check_bce_args(const at::Tensor& logits, double target) {
   const auto t = logits.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
-              "fastdcgan::bce_with_logits: logits must be float32, float64, float16 or bfloat16, "
-              "got ", t);
+              message("fastdcgan::bce_with_logits: logits must be float32, float64, float16 or "
+                      "bfloat16, got ", t));
   TORCH_CHECK(logits.numel() > 0, "fastdcgan::bce_with_logits: logits is empty");
   TORCH_CHECK(std::isfinite(target), "fastdcgan::bce_with_logits: target must be finite");
 }

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <string>
 
 #if defined(__CUDACC__)
 #define FASTDCGAN_HD __host__ __device__ __forceinline__
@@ -79,6 +80,28 @@ FASTDCGAN_HD void bce_element(acc_t l, acc_t t, acc_t& loss, acc_t& dl) {
   loss = (l > acc_t(0) ? l : acc_t(0)) - l * t + std::log1p(e);
   dl = sig - t;
 }
+
+#ifndef __CUDACC__
+// Error messages, as one std::string for TORCH_CHECK (which hands a single string to c10::Error
+// as is): built with std::string and std::to_string, never an ostream (c10::str of several
+// arguments). The H100 machine's default compiler (CXX=/opt/gcc/bin/g++, a wrapper of GCC 13.3)
+// builds its own copy of libstdc++'s stream code into an extension, and formatting a number with
+// it crashed (SIGSEGV in std::ostream::_M_insert<long>) when an argument check failed.
+namespace detail {
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, int64_t v) { s += std::to_string(v); }
+inline void append(std::string& s, c10::ScalarType v) { s += c10::toString(v); }
+inline void append(std::string& s, const c10::Device& v) { s += v.str(); }
+}  // namespace detail
+
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::string s;
+  (detail::append(s, args), ...);
+  return s;
+}
+#endif
 
 // Argument checks shared by the CPU and CUDA implementations.
 void check_adam_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,

@@ -20,7 +20,8 @@ namespace {
 // would pull in the cuBLAS/cuSPARSE headers for this one number).
 int multiprocessor_count(int device) {
   static std::atomic<int> cache[64];  // zero-initialised (static storage)
-  TORCH_CHECK(device >= 0 && device < 64, "fastdcgan: CUDA device index ", device, " out of range");
+  TORCH_CHECK(device >= 0 && device < 64,
+              message("fastdcgan: CUDA device index ", int64_t{device}, " out of range"));
   int sms = cache[device].load(std::memory_order_relaxed);
   if (sms == 0) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -52,7 +53,7 @@ BceDtype bce_dtype(at::ScalarType t) {
     case at::kDouble: return BceDtype::kDouble;
     case at::kHalf: return BceDtype::kHalf;
     case at::kBFloat16: return BceDtype::kBFloat16;
-    default: TORCH_CHECK(false, "fastdcgan::bce_with_logits: unsupported dtype ", t);
+    default: TORCH_CHECK(false, message("fastdcgan::bce_with_logits: unsupported dtype ", t));
   }
 }
 
