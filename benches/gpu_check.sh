@@ -5,7 +5,8 @@
 # device call may run 600). Every step after the tests runs only if the time it needs is left, in
 # priority order, so the summary always prints:
 #   1. GPU tests: kernels (tests_kernels.log), training step, sampler, optimizer (tests_step.log)
-#   2. step table vs peers at B=128 and 512 (steps.md): D on real and fake in one grouped pass
+#   2. step table vs peers at B=128 and 512 (steps.md): D on real and fake in one grouped pass;
+#      then each fused layer vs the eager sequence it replaces (benches/layer_table.py)
 #   3. the same at B=128 with FASTDCGAN_JOINT_D=0 (two D passes, G beside D(real)), and with
 #      FASTDCGAN_TAP_PAIRS=1 (column-tap pairs share their A tile loads: off by default); at
 #      B=128 and 512 with FASTDCGAN_PDL=1 (programmatic dependent launch, kernels/pdl.py)
@@ -14,7 +15,8 @@
 #   5. kernel-time profile of the captured step, bf16 and fp32 at B=128 (and bf16 through the
 #      prologues), and Nsight Compute's speed of light of two forward GEMMs
 #      (benches/gemm_sol.py) (profile.md)
-#   6. bf16 GEMM tile sweep (tune.md; $OUT/tiles.json keeps fp32's tiles of kernels/tiles.json;
+#   6. with TUNE=1 (kernels/tiles.json holds the H100's bf16 tiles of session 10): bf16 GEMM
+#      tile sweep (tune.md; $OUT/tiles.json keeps fp32's tiles of kernels/tiles.json;
 #      D's layers also at the grouped pass's doubled batch) for the feed that steps 2 and 4 found
 #      faster (TUNE_FEED=prologues|raw overrides), then the step table with it
 #   7. adam_step argument checks under (cuda-)gdb (crashed on this machine before), G inference,
@@ -24,7 +26,7 @@
 # before the timed runs if not done by then (WARM_UNTIL s left). Logs go to $OUT (default
 # ./gpu_out), at most 8 files (the device tool brings back no more): build.log, tests_kernels.log,
 # tests_step.log, steps.md, profile.md, tune.md, tiles.json, optim.log.
-# Usage: bash benches/gpu_check.sh   (BUDGET=seconds; SKIP_TUNE=1 skips the tile sweep, SKIP_TESTS=1
+# Usage: bash benches/gpu_check.sh   (BUDGET=seconds; TUNE=1 adds the tile sweep, SKIP_TESTS=1 skips
 # the tests: e.g. a second call on the still-warm machine, whose Triton cache is filled)
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -59,7 +61,7 @@ TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=8 \
   $py setup.py build_ext --inplace >>"$OUT/build.log" 2>&1 &
 build_pid=$!
 warm_logs=$(mktemp -d)
-warm() {   # one short step table per configuration the timed runs use: compiles their kernels
+warm() {   # one short run of each timed configuration (step tables, layer table): compiles their kernels
   while kill -0 $build_pid 2>/dev/null; do sleep 1; done   # (the build is not this subshell's child)
   # "BATCHES ENV [ARGS]": the batch sizes, an environment assignment, more step_table arguments
   for cfg in "128 _=" "512 _=" "128 FASTDCGAN_JOINT_D=0" "128 FASTDCGAN_TAP_PAIRS=1" \
@@ -70,7 +72,9 @@ warm() {   # one short step table per configuration the timed runs use: compiles
       >"$warm_logs/${batches}_${assign}_$#.log" 2>&1 &
     echo $! >>"$warm_logs/pids"
   done
-  if [ -z "${SKIP_TUNE:-}" ]; then
+  timeout 300 $py benches/layer_table.py --no-compile >"$warm_logs/layers.log" 2>&1 &
+  echo $! >>"$warm_logs/pids"
+  if [ -n "${TUNE:-}" ]; then
     for layer in G1 G2 G3 D1 D2 D3; do
       timeout 300 $py benches/tune_gemm.py --compile-only --layers $layer --dtypes bf16 \
         >"$warm_logs/tune_$layer.log" 2>&1 &
@@ -105,6 +109,10 @@ grep -l -E "Traceback" "$warm_logs"/*.log 2>/dev/null | head -3 | while read -r 
 
 step "train step vs peers"
 run 60 120 $py benches/step_table.py --batches 128,512 --steps 20 2>&1 | tee "$OUT/steps.md" | tail -16
+
+step "per layer: each fused op vs the eager sequence it replaces (issues 3 and 4)"
+echo "per layer (benches/layer_table.py --no-compile):" >>"$OUT/steps.md"
+run 60 90 $py benches/layer_table.py --no-compile 2>&1 | tee -a "$OUT/steps.md" | tail -8
 
 step "D on real and fake in two passes, G beside D(real) (FASTDCGAN_JOINT_D=0)"
 echo "D in two passes, G beside D(real) (FASTDCGAN_JOINT_D=0):" >>"$OUT/steps.md"
@@ -161,7 +169,7 @@ faster_feed() {
     END {print (p > 0 && d > 0 && p < d) ? "prologues" : "raw"}' "$1"
 }
 
-if [ -z "${SKIP_TUNE:-}" ]; then
+if [ -n "${TUNE:-}" ]; then
   feed=${TUNE_FEED:-$(faster_feed "$OUT/steps.md")}   # sweep the tiles of the faster feed
   step "bf16 GEMM tile sweep (timed, $feed operands), then our step with the tuned tiles"
   if run 100 $(( $(left) - 60 )) $py benches/tune_gemm.py --dtypes bf16 --feed $feed \
@@ -176,11 +184,11 @@ if [ -z "${SKIP_TUNE:-}" ]; then
   fi
 fi
 
-step "adam_step argument checks (segfaulted here before): C stack of a crash"
+step "adam_step argument checks (segfaulted here before: the compiler's stream code): C stack of a crash"
 debugger=$(command -v gdb || command -v cuda-gdb)   # the device machines have cuda-gdb only
 if [ -n "$debugger" ]; then
-  run 20 40 $debugger -q -batch -ex run -ex bt --args $py -X faulthandler -m pytest -q -p no:cacheprovider \
-    -p no:xdist tests/test_optim.py -k op_checks_arguments 2>&1 | grep -vE "^\[(New|Thread)" | tail -25
+  run 20 40 $debugger -q -batch -ex run -ex "bt 14" --args $py -m pytest -q -p no:cacheprovider \
+    -p no:xdist tests/test_optim.py -k op_checks_arguments 2>&1 | grep -E "^#|SIG|passed|failed" | head -20
 else
   run 20 40 $py -X faulthandler -m pytest -q -p no:cacheprovider -p no:xdist tests/test_optim.py \
     -k op_checks_arguments 2>&1 | tail -25
