@@ -15,10 +15,11 @@
 #   5. kernel-time profile of the captured step, bf16 and fp32 at B=128 (and bf16 through the
 #      prologues), and Nsight Compute's speed of light of two forward GEMMs
 #      (benches/gemm_sol.py) (profile.md)
-#   6. with TUNE=1 (kernels/tiles.json holds the H100's bf16 tiles of session 10): bf16 GEMM
-#      tile sweep (tune.md; $OUT/tiles.json keeps fp32's tiles of kernels/tiles.json;
-#      D's layers also at the grouped pass's doubled batch) for the feed that steps 2 and 4 found
-#      faster (TUNE_FEED=prologues|raw overrides), then the step table with it
+#   6. with TUNE=1 (kernels/tiles.json holds the H100's bf16 tiles of session 10): GEMM tile
+#      sweep of bf16, or of TUNE_DTYPES (e.g. fp32, whose raw-feed tiles are the heuristics'),
+#      (tune.md; $OUT/tiles.json keeps the table's other entries; D's layers also at the grouped
+#      pass's doubled batch) for the feed that steps 2 and 4 found faster (TUNE_FEED=prologues|raw
+#      overrides), then the step table with it
 #   7. adam_step argument checks under (cuda-)gdb (crashed on this machine before), G inference,
 #      optimizer
 # The Triton cache starts empty on a fresh machine: the step tables' and the sweep's kernels
@@ -76,7 +77,7 @@ warm() {   # one short run of each timed configuration (step tables, layer table
   echo $! >>"$warm_logs/pids"
   if [ -n "${TUNE:-}" ]; then
     for layer in G1 G2 G3 D1 D2 D3; do
-      timeout 300 $py benches/tune_gemm.py --compile-only --layers $layer --dtypes bf16 \
+      timeout 300 $py benches/tune_gemm.py --compile-only --layers $layer --dtypes ${TUNE_DTYPES:-bf16} \
         >"$warm_logs/tune_$layer.log" 2>&1 &
       echo $! >>"$warm_logs/pids"
     done
@@ -171,8 +172,8 @@ faster_feed() {
 
 if [ -n "${TUNE:-}" ]; then
   feed=${TUNE_FEED:-$(faster_feed "$OUT/steps.md")}   # sweep the tiles of the faster feed
-  step "bf16 GEMM tile sweep (timed, $feed operands), then our step with the tuned tiles"
-  if run 100 $(( $(left) - 60 )) $py benches/tune_gemm.py --dtypes bf16 --feed $feed \
+  step "GEMM tile sweep (${TUNE_DTYPES:-bf16}, timed, $feed operands), then our step with the tuned tiles"
+  if run 100 $(( $(left) - 60 )) $py benches/tune_gemm.py --dtypes ${TUNE_DTYPES:-bf16} --feed $feed \
       --write "$OUT/tiles.json" >"$OUT/tune.md" 2>&1; then
     tail -60 "$OUT/tune.md"
     echo "with the tuned tiles ($feed operands):" >>"$OUT/steps.md"
