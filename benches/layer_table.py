@@ -1,6 +1,7 @@
 """Per-layer speed table: fastdcgan's fused conv/convT+BN+act ops vs the eager PyTorch sequence
 (cuDNN conv + BatchNorm2d + activation, same dtype, channels_last), every DCGAN layer, forward and
-forward+backward (training-mode BN), fp32 (TF32 on both sides) and bf16, B = 128 and 512; then the
+forward+backward (training-mode BN), fp32 (TF32 on both sides) and bf16, B = 128 and 512, each as
+called op by op and replayed from a CUDA graph (the GPU's time alone, as the trainer runs); then the
 Generator's inference at B = 512 (ours vs eager vs torch.compile, and each model replayed from a
 CUDA graph: ours vs the best peer) and whole-network training forward+backward at B = 128 (ours:
 the chained fused network).
@@ -80,6 +81,22 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=10, rep=40)
 
 
+def captured(fn):
+    """fn (no host synchronisation inside) recorded once into a CUDA graph: the replay callable.
+    Warmed up on a side stream first, as torch.cuda.graph asks (allocations, cuDNN's choices,
+    the .grad buffers a captured backward accumulates into)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def generator_cases(batch, dtype, compiled):
     """Generator inference (eval, no grad): {name: callable}. "ours (CUDA graph)" and
     "eager + CUDA graph" replay each model through fastdcgan.sampler.CapturedGenerator (the
@@ -132,18 +149,21 @@ def main():
     dtypes = args.dtypes.split(",")
     t0 = time.time()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print("| case | ours ms | eager ms | speedup |")
-    print("|---|---|---|---|")
+    print("| case | ours ms | eager ms | speedup | ours, CUDA graph | eager, CUDA graph | speedup |")
+    print("|---|---|---|---|---|---|---|")
 
     def layer_rows(batch):
+        # each side also replayed from a CUDA graph (as the trainer runs it): the GPU time alone,
+        # without either side's per-op host path
         for dt in dtypes:
             for backward in (False, True):
                 for layer in LAYERS:
                     ours, eager = layer_case(layer, batch, DTYPES[dt], backward)
                     to, te = bench(ours), bench(eager)
+                    go, ge = bench(captured(ours)), bench(captured(eager))
                     mode = "fwd+bwd" if backward else "fwd"
-                    print(f"| {layer[0]} B={batch} {dt} {mode} | {to:.3f} | {te:.3f} | {te / to:.2f}x |",
-                          flush=True)
+                    print(f"| {layer[0]} B={batch} {dt} {mode} | {to:.3f} | {te:.3f} | {te / to:.2f}x "
+                          f"| {go:.3f} | {ge:.3f} | {ge / go:.2f}x |", flush=True)
 
     # the first batch's layers, then the whole networks, then the other batches (the table is
     # printed row by row, so a time limit cuts the least important rows)
@@ -155,15 +175,16 @@ def main():
         peers = {k: v for k, v in times.items() if not k.startswith("ours")}
         extra = "".join(f", {k} {v:.3f}" for k, v in peers.items() if k != "eager")
         print(f"| Generator inference B=512 {dt}{extra} | {times['ours']:.3f} | {times['eager']:.3f} | "
-              f"{times['eager'] / times['ours']:.2f}x |", flush=True)
+              f"{times['eager'] / times['ours']:.2f}x | | | |", flush=True)
         best = min(peers, key=peers.get)
         graph = times["ours (CUDA graph)"]
         print(f"| Generator inference B=512 {dt} CUDA graph, vs the best peer ({best}) | {graph:.3f} | "
-              f"{peers[best]:.3f} | {peers[best] / graph:.2f}x |", flush=True)
+              f"{peers[best]:.3f} | {peers[best] / graph:.2f}x | | | |", flush=True)
     for dt in dtypes:
         cases = network_cases(128, DTYPES[dt])
         to, te = bench(cases["ours"]), bench(cases["eager"])
-        print(f"| G+D train fwd+bwd B=128 {dt} | {to:.3f} | {te:.3f} | {te / to:.2f}x |", flush=True)
+        print(f"| G+D train fwd+bwd B=128 {dt} | {to:.3f} | {te:.3f} | {te / to:.2f}x | | | |",
+              flush=True)
     for batch in batches[1:]:
         layer_rows(batch)
     print(f"\n(total {time.time() - t0:.0f} s; eager = cuDNN channels_last, fp32 uses TF32 on both sides)")
