@@ -45,6 +45,8 @@ def _finalize_tiles(c, rows):
     block_c = 8 if c <= 128 else (16 if c <= 256 else 32)
     block_t = min(FIN_TILE // block_c, max(16, triton.next_power_of_2(rows)))
     return block_c, block_t, 8 if block_c * block_t >= 4096 else 4
+
+
 # Elementwise passes over an NHWC tensor viewed as [rows, C]: a 64-row x 64-channel tile keeps
 # the channel vectors in registers and each row's channels contiguous (coalesced). The backward
 # reduction walks RED_ROWS rows per program so that its partial buffer (and the finalize's

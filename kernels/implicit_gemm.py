@@ -874,10 +874,9 @@ def _affine(operand):
 
 
 # fp32 GEMMs with a reduction this short (D's first layer: K = 3*16, G's first: K = nz = 100) are
-# memory-bound, so they run in exact fp32 (FMA dots) at little cost in time: with plain TF32 their
-# outputs' rounding flips the sign of pre-activations near zero, and the ReLU/LeakyReLU
-# derivative with them, which the data gradient then carries (cuDNN runs these small-K
-# convolutions in exact fp32). Not 3xTF32: Triton 3.6's "tf32x3" gave D's first layer outputs
+# memory-bound, so they run in exact fp32 (FMA dots): with plain TF32 their outputs' rounding
+# flips the sign of pre-activations near zero, and the ReLU/LeakyReLU derivative with them, which
+# the data gradient then carries (cuDNN runs these small-K convolutions in exact fp32). Not 3xTF32: Triton 3.6's "tf32x3" gave D's first layer outputs
 # 64% off on the H100 with the weight read N-major (its split B operand goes from registers into
 # a transposed 32-bit shared layout for the wgmma); read K-major (k_major) that layer was right
 # (forward 1.1e-7 from float64, ieee's 1.2e-7), but the FMA path is the one all GPU tests passed.
@@ -1006,9 +1005,10 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
 
     x: NHWC input [N, IH, IW, CIN] (with prologue `pro`: Xform) or, for the dgrad, `bwd`
     (BwdOperand whose y/g are the input). w: the kernel-layout weight [4, 4, CIN, cout] (an fp32
-    forward reads a K-major copy, k_major), or with w_t (the data gradient) [4, 4, cout, CIN]. Returns (y, a, partials): y the raw output (store_y),
-    a = act(y*epi.scale + epi.shift) (store_a), partials per `stats` (1: BN forward (mean_t, m2_t,
-    cnt); 2: BN backward sums of the producer `prod` = (y, scale, shift, mean, rstd, act, slope)).
+    forward reads a K-major copy, k_major), or with w_t (the data gradient) [4, 4, cout, CIN].
+    Returns (y, a, partials): y the raw output (store_y), a = act(y*epi.scale + epi.shift)
+    (store_a), partials per `stats` (1: BN forward (mean_t, m2_t, cnt); 2: BN backward sums of
+    the producer `prod` = (y, scale, shift, mean, rstd, act, slope)).
     grad_act: (y, act, slope) of a producer without BatchNorm: y is stored times act'(y there),
     the gradient through that producer's activation (a data gradient's output). groups: the
     batch is that many groups of images with their own BN vectors ([groups * C] each) and
