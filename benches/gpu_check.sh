@@ -7,21 +7,20 @@
 #   1. GPU tests: kernels (tests_kernels.log), training step, sampler, optimizer (tests_step.log)
 #   2. step table vs peers at B=128 and 512 (steps.md): D on real and fake in one grouped pass;
 #      then each fused layer vs the eager sequence it replaces (benches/layer_table.py)
-#   3. the same at B=128 with FASTDCGAN_JOINT_D=0 (two D passes, G beside D(real)), and with
-#      FASTDCGAN_TAP_PAIRS=1 (column-tap pairs share their A tile loads: off by default); at
-#      B=128 and 512 with FASTDCGAN_PDL=1 (programmatic dependent launch, kernels/pdl.py)
-#   4. the same with the operands transformed in the consuming GEMMs' prologues, and with only dy
-#      or only the activations written once per block (the default writes both)
-#   5. kernel-time profile of the captured step, bf16 and fp32 at B=128 (and bf16 through the
-#      prologues), and Nsight Compute's speed of light of two forward GEMMs
-#      (benches/gemm_sol.py) (profile.md)
-#   6. with TUNE=1 (kernels/tiles.json holds the H100's bf16 tiles of session 10): GEMM tile
+#   3. Generator inference B=512 and the optimizer against their peers (optim.log)
+#   4. kernel-time profile of the captured step, bf16 and fp32 at B=128 (profile.md)
+#   5. the step at B=128 with FASTDCGAN_JOINT_D=0 (two D passes, G beside D(real)), with
+#      FASTDCGAN_TAP_PAIRS=1 (column-tap pairs share their A tile loads: off by default), at B=128
+#      and 512 with FASTDCGAN_PDL=1 (programmatic dependent launch, kernels/pdl.py), and with the
+#      operands transformed in the consuming GEMMs' prologues, or only dy or only the
+#      activations written once per block (the default writes both)
+#   6. Nsight Compute's speed of light of two forward GEMMs (benches/gemm_sol.py) (profile.md)
+#   7. with TUNE=1 (kernels/tiles.json holds the H100's bf16 tiles of session 10): GEMM tile
 #      sweep of bf16, or of TUNE_DTYPES (e.g. fp32, whose raw-feed tiles are the heuristics'),
 #      (tune.md; $OUT/tiles.json keeps the table's other entries; D's layers also at the grouped
-#      pass's doubled batch) for the feed that steps 2 and 4 found faster (TUNE_FEED=prologues|raw
+#      pass's doubled batch) for the feed that step 5 found faster (TUNE_FEED=prologues|raw
 #      overrides), then the step table with it
-#   7. adam_step argument checks under (cuda-)gdb (crashed on this machine before), G inference,
-#      optimizer
+#   8. adam_step argument checks under (cuda-)gdb (crashed on this machine before)
 # The Triton cache starts empty on a fresh machine: the step tables' and the sweep's kernels
 # compile in the background while the tests run (they share the on-disk cache), and are stopped
 # before the timed runs if not done by then (WARM_UNTIL s left). Logs go to $OUT (default
@@ -115,6 +114,22 @@ step "per layer: each fused op vs the eager sequence it replaces (issues 3 and 4
 echo "per layer (benches/layer_table.py --no-compile):" >>"$OUT/steps.md"
 run 60 90 $py benches/layer_table.py --no-compile 2>&1 | tee -a "$OUT/steps.md" | tail -8
 
+step "Generator inference B=512 (ours, captured, peers; torch.compile: see peers.md)"
+run 30 60 $py -m pytest -q -p no:cacheprovider benches/bench_generator.py --benchmark-only \
+  -k "not compile" --benchmark-columns=median,min --benchmark-sort=name 2>&1 \
+  | grep -E "test_generator|passed|failed|Error" | tail -14
+
+step "optimizer"
+run 20 40 $py -m pytest -q -p no:cacheprovider benches/bench_optim.py --benchmark-only -k cuda \
+  --benchmark-columns=median,min --benchmark-sort=name 2>&1 | tee "$OUT/optim.log" | tail -8
+
+step "profile of the captured step"
+for prec in bf16 fp32; do   # the per-launch sequence goes to profile.md only
+  run 25 50 $py benches/profile_step.py --batch 128 --precision $prec --top 14 --sequence \
+    >>"$OUT/profile.md" 2>&1
+  grep -A16 "^### B=128 $prec" "$OUT/profile.md" || tail -5 "$OUT/profile.md"
+done
+
 step "D on real and fake in two passes, G beside D(real) (FASTDCGAN_JOINT_D=0)"
 echo "D in two passes, G beside D(real) (FASTDCGAN_JOINT_D=0):" >>"$OUT/steps.md"
 FASTDCGAN_JOINT_D=0 run 30 60 $py benches/step_table.py --batches 128 --steps 20 --peers none \
@@ -135,19 +150,6 @@ echo "through the prologues / dy only / activations only (FASTDCGAN_MATERIALIZE_
   >>"$OUT/steps.md"
 run 50 90 $py benches/step_table.py --batches 128,512 --steps 20 --peers none \
   --feeds prologues,dy,act 2>&1 | tee -a "$OUT/steps.md" | tail -14
-
-step "profile of the captured step"
-for prec in bf16 fp32; do   # the per-launch sequence goes to profile.md only
-  run 25 50 $py benches/profile_step.py --batch 128 --precision $prec --top 14 --sequence \
-    >>"$OUT/profile.md" 2>&1
-  grep -A16 "^### B=128 $prec" "$OUT/profile.md" || tail -5 "$OUT/profile.md"
-done
-echo "## through the prologues (FASTDCGAN_MATERIALIZE_ACT=0 FASTDCGAN_MATERIALIZE_DY=0)" \
-  >>"$OUT/profile.md"
-FASTDCGAN_MATERIALIZE_ACT=0 FASTDCGAN_MATERIALIZE_DY=0 run 25 50 $py benches/profile_step.py \
-  --batch 128 --precision bf16 --top 14 >"$OUT/profile_pro.tmp" 2>&1
-cat "$OUT/profile_pro.tmp" >>"$OUT/profile.md" 2>/dev/null && head -18 "$OUT/profile_pro.tmp"
-rm -f "$OUT/profile_pro.tmp"
 
 step "Nsight Compute: what bounds two bf16 forward GEMMs (G3 at B=512, D2 at B=128)"
 if command -v ncu >/dev/null; then
@@ -194,15 +196,6 @@ else
   run 20 40 $py -X faulthandler -m pytest -q -p no:cacheprovider -p no:xdist tests/test_optim.py \
     -k op_checks_arguments 2>&1 | tail -25
 fi
-
-step "Generator inference B=512 (ours, captured, peers; torch.compile: see peers.md)"
-run 30 60 $py -m pytest -q -p no:cacheprovider benches/bench_generator.py --benchmark-only \
-  -k "not compile" --benchmark-columns=median,min --benchmark-sort=name 2>&1 \
-  | grep -E "test_generator|passed|failed|Error" | tail -14
-
-step "optimizer"
-run 20 40 $py -m pytest -q -p no:cacheprovider benches/bench_optim.py --benchmark-only -k cuda \
-  --benchmark-columns=median,min --benchmark-sort=name 2>&1 | tee "$OUT/optim.log" | tail -8
 
 step summary
 grep -hE "passed|failed|error" "$OUT"/tests_*.log 2>/dev/null | tail -4
