@@ -71,8 +71,9 @@ def test_bytes_of_the_input_stationary_transposed_conv(monkeypatch):
     pixels = nb * hw * hw
     consts, programs, values = launches["tap_gemm_kernel"]
     bm, bn, bk = consts["BLOCK_M"], consts["BLOCK_N"], consts["BLOCK_K"]
-    assert programs == pixels // bm and bn == 64 and bk == cin
-    want = pixels * cin * 4 + programs * bk * bn * 4 + pixels * 16 * cout * 4
+    assert programs == pixels // bm and bn == 64 and cin % bk == 0
+    # the input once, the weight once per row tile (over its cin // bk K steps), P stored
+    want = pixels * cin * 4 + programs * cin * bn * 4 + pixels * 16 * cout * 4
     assert gemm_traffic.operand_bytes("tap_gemm_kernel", consts, programs, values, 4) == want
     consts, programs, values = launches["tap_sum_kernel"]
     # every output reads its 4 fp32 contributions and stores y and tanh(y)
@@ -84,6 +85,7 @@ def test_bytes_of_the_input_stationary_transposed_conv(monkeypatch):
 def test_paired_column_taps_read_a_transposed_convs_input_8_times(monkeypatch):
     """A stride-2 transposed conv's phase GEMMs with paired column taps: each phase reads the
     input once per row tap (8 times in all, not 16) and both taps' weight tiles per K step."""
+    monkeypatch.setenv("FASTDCGAN_TAP_PAIRS", "1")
     monkeypatch.setattr(ig, "INTERPRET", False)
     monkeypatch.setattr(ig, "_num_sms", lambda device: 132)
     seen = []
