@@ -16,6 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from peers import captured
+
 # name, transposed, cin, cout, input size, stride, padding, batch norm, activation
 LAYERS = [
     ("G0 z->4x4", True, 100, 512, 1, 1, 0, True, "relu"),
@@ -79,22 +81,6 @@ def bench(fn):
     fn()
     torch.cuda.synchronize()
     return triton.testing.do_bench(fn, warmup=10, rep=40)
-
-
-def captured(fn):
-    """fn (no host synchronisation inside) recorded once into a CUDA graph: the replay callable.
-    Warmed up on a side stream first, as torch.cuda.graph asks (allocations, cuDNN's choices,
-    the .grad buffers a captured backward accumulates into)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def generator_cases(batch, dtype, compiled):

@@ -66,7 +66,10 @@ def _adams(g, d, **kw):
     return (torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.5, 0.999), **kw) for m in (g, d))
 
 
-def _captured(step, warmup=3):
+def captured(step, warmup=3):
+    """step (no host synchronisation inside) recorded once into a CUDA graph: the replay callable.
+    Warmed up on a side stream first, as torch.cuda.graph asks (allocations, cuDNN's choices,
+    the .grad buffers a captured backward accumulates into)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -85,11 +88,11 @@ def peer_step(name, batch):
         return _examples_step(g, d, *_adams(g, d), *_fixed_batch(batch), logits=False)
     if name == "graph fp32":
         g, d = _models()
-        return _captured(_examples_step(g, d, *_adams(g, d, capturable=True, foreach=True),
+        return captured(_examples_step(g, d, *_adams(g, d, capturable=True, foreach=True),
                                         *_fixed_batch(batch), logits=True))
     if name == "graph bf16 CL":
         g, d = _models(channels_last=True)
-        return _captured(_examples_step(g, d, *_adams(g, d, capturable=True, foreach=True),
+        return captured(_examples_step(g, d, *_adams(g, d, capturable=True, foreach=True),
                                         *_fixed_batch(batch, True), logits=True, bf16=True))
     if name == "compile fp32":
         torch._dynamo.reset()
