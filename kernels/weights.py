@@ -77,6 +77,23 @@ def weights_updated():
         _scope.casts.clear()
 
 
+def _step_cached(key, make):
+    """make(), or inside training_step() the tensor it made earlier in the step under `key`."""
+    casts = _scope.casts if _scope is not None else None
+    t = casts.get(key) if casts is not None else None
+    if t is None:
+        t = make()
+        if casts is not None:
+            casts[key] = t
+    return t
+
+
+def _tensor_key(v):
+    """What identifies v's values within a step: its memory, view, dtype and version."""
+    return (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()),
+            v.dtype, v._version)
+
+
 def kernel_weights(weights, transposed, dtype):
     """The kernel-layout tensors (kh, kw, c_in, c_out) in `dtype` of conv weights `weights`
     (PyTorch layout; transposed[i]: weights[i] is a ConvTranspose2d weight). Weights already in
@@ -85,7 +102,6 @@ def kernel_weights(weights, transposed, dtype):
     views = [kernel_view(w.detach(), t) for w, t in zip(weights, transposed)]
     if all(v.is_contiguous() and v.dtype == dtype for v in views):
         return views
-    casts = _scope.casts if _scope is not None else None
     storage = views[0].untyped_storage().data_ptr()
     shared = (len(views) > 1 and all(v.is_contiguous() for v in views)
               and all(v.untyped_storage().data_ptr() == storage and v.dtype == views[0].dtype
@@ -94,39 +110,21 @@ def kernel_weights(weights, transposed, dtype):
         lo = min(v.storage_offset() for v in views)
         hi = max(v.storage_offset() + v.numel() for v in views)
         key = (storage, lo, hi, dtype, tuple(v._version for v in views))
-        flat = casts.get(key) if casts is not None else None
-        if flat is None:
-            flat = views[0].as_strided((hi - lo,), (1,), lo).to(dtype)
-            if casts is not None:
-                casts[key] = flat
+        flat = _step_cached(key, lambda: views[0].as_strided((hi - lo,), (1,), lo).to(dtype))
         return [flat.as_strided(v.shape, v.stride(), v.storage_offset() - lo) for v in views]
-    out = []
-    for v in views:
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()),
-               dtype, v._version)
-        wk = casts.get(key) if casts is not None else None
-        if wk is None:
-            wk = v.to(dtype) if v.is_contiguous() else torch.empty(
-                v.shape, dtype=dtype, device=v.device).copy_(v)
-            if casts is not None:
-                casts[key] = wk
-        out.append(wk)
-    return out
+    def cast(v):
+        if v.is_contiguous():
+            return v.to(dtype)
+        return torch.empty(v.shape, dtype=dtype, device=v.device).copy_(v)
+
+    return [_step_cached(("cast", dtype) + _tensor_key(v), lambda v=v: cast(v)) for v in views]
 
 
 def k_major(wk):
     """The kernel-layout weight wk [kh, kw, c_in, c_out] as a contiguous [kh, kw, c_out, c_in]
     tensor (c_in, a forward GEMM's K, innermost), the layout the data gradient reads W in. Inside
     training_step() the copy is cached until the weights change."""
-    casts = _scope.casts if _scope is not None else None
-    key = ("k_major", wk.untyped_storage().data_ptr(), wk.storage_offset(), tuple(wk.shape),
-           tuple(wk.stride()), wk.dtype, wk._version)
-    wt = casts.get(key) if casts is not None else None
-    if wt is None:
-        wt = wk.transpose(2, 3).contiguous()
-        if casts is not None:
-            casts[key] = wt
-    return wt
+    return _step_cached(("k_major",) + _tensor_key(wk), lambda: wk.transpose(2, 3).contiguous())
 
 
 def grad_sink(p, kernel_layout_of=None):
