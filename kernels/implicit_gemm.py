@@ -691,10 +691,12 @@ def wgrad_tiles(m_rows, taps, cin, cout, dtype, raw=False):
     of a convolution with `taps` kernel taps per phase (raw: both operands read as stored).
 
     The output tile is BLOCK_K weight rows (th, tw, ci) x BLOCK_N output channels; the pixel
-    reduction streams BLOCK_M rows per step (64, or 32 as the tuning alternative). H100: the fp32
-    64 x 128 tile with [64 x 64] + [64 x 128] operands needs ~70 KB of shared memory per stage
-    (operands plus the transposed copy), so 2 stages (3 measured 213 KB: one CTA per SM);
-    bf16 tiles take 128 weight rows and 4 stages. Flat K (Cin = 3: 48 weight rows; nz = 100) and
+    reduction streams BLOCK_M rows per step (64, or 32 as the tuning alternative). fp32 tiles load
+    in one stage: both operands have the reduction (the pixels) strided, and TF32 wgmma takes B
+    K-major only; pipelined, Triton 3.6 transposes B with 4-byte cp.async copies, in one stage it
+    loads B with 16-byte LDGs and transposes it in the shared-memory store (H100, fp32 step:
+    5.38 -> 4.66 ms at B=128, 20.76 -> 17.92 at B=512). bf16 tiles take 128 weight rows and 4
+    stages. Flat K (Cin = 3: 48 weight rows; nz = 100) and
     channel counts under the widest tile (D1's Cin = 64 in bf16: 2 taps per tile) take their rows
     in as few tiles as the widest allows, at least 64: each K tile re-reads all of dy (the bytes
     bound these GEMMs: benches/gemm_model.py), and wgmma needs 64 rows (a 16- or 32-row tile runs
@@ -713,7 +715,7 @@ def wgrad_tiles(m_rows, taps, cin, cout, dtype, raw=False):
     if not aligned or bk < widest <= taps * cin:
         bk, aligned = _pow2_clamp(taps * cin, 64, widest), False
     bn = _pow2_clamp(cout, 16, 128)
-    stages = 2 if dtype == torch.float32 else (3 if bk > 128 else 4)
+    stages = 1 if dtype == torch.float32 else (3 if bk > 128 else 4)
     warps = 8 if bk * bn >= 64 * 128 else 4
     return bk, aligned, bn, [(64, warps, stages), (32, 4, stages)]
 
@@ -1144,18 +1146,14 @@ def conv_wgrad(x, pro, bwd, geom, dw=None, groups=1):
                         raw=pro is None and out_mode == 0)
     if tuned:
         bk, bn, bm, warps, stages = tuned
+        if dtype == torch.float32:
+            stages = 1   # as wgrad_tiles says; the table's fp32 tiles were swept pipelined
         aligned, cands = cin % bk == 0, [(bm, warps, stages)]
     else:
         bk, aligned, bn, cands = wgrad_tiles(m * geom.phases, geom.t * geom.t, cin, cout, dtype,
                                              raw=pro is None and out_mode == 0)
     if not INTERPRET:
         cands = [(bm, max(w, min(8, bk * bn // (32 * ACC_REGS["wgrad"]))), s) for bm, w, s in cands]
-        if dtype == torch.float32:
-            # both operands have the reduction (pixels) strided, and TF32 wgmma takes B K-major
-            # only: pipelined, Triton transposes B with 4-byte cp.async copies; one stage loads
-            # it with 16-byte LDGs and transposes it in the shared-memory store (H100, fp32
-            # step: 5.38 -> 4.66 ms at B=128, 20.76 -> 17.92 at B=512)
-            cands = [(bm, w, 1) for bm, w, _ in cands]
     if not grouped:
         groups = 1
     group_rows = (nb // groups) * geom.mh * geom.mw
