@@ -22,6 +22,12 @@ both ways on a GPU.
 
 Weights are kernel-layout tensors (kernels/weights.py) in the compute dtype; weight gradients are
 fp32 kernel-layout tensors, accumulated into a given buffer (a parameter's .grad) or new.
+
+With FASTDCGAN_WGRAD_STREAM=1 a chain's backward (kernels/network.py) runs the weight gradients
+that go into a given buffer on a second CUDA stream (WgradStream): nothing on the chain's
+critical path (BN finalize -> dy -> data gradient -> next block) reads them, so they fill the SMs
+that the small GEMMs and elementwise passes of a batch-128 step leave idle. Off by default until
+a GPU run times it (benches/step_table.py; benches/gpu_check.sh runs the variant).
 """
 import os
 from dataclasses import dataclass
@@ -68,6 +74,43 @@ def materialize_act():
     return os.environ.get("FASTDCGAN_MATERIALIZE_ACT", "1") != "0"
 
 
+class WgradStream:
+    """A second CUDA stream for weight gradients, forked from the current stream per launch and
+    joined once by join(). The tensors a launch reads stay referenced until the join: the
+    caching allocator may hand a freed block to the current stream's next allocation at once, so
+    a tensor the side stream still reads must not be freed before the current stream has waited
+    for it."""
+
+    _streams = {}   # device index -> stream (one per device, reused by every backward)
+
+    def __init__(self, device):
+        if device.index not in self._streams:
+            self._streams[device.index] = torch.cuda.Stream(device=device)
+        self.stream = self._streams[device.index]
+        self.device = device
+        self.reading = []
+
+    @classmethod
+    def for_tensor(cls, t):
+        """A WgradStream for t's device when FASTDCGAN_WGRAD_STREAM=1 and t is on CUDA, else
+        None (read at each call)."""
+        if t.device.type != "cuda" or os.environ.get("FASTDCGAN_WGRAD_STREAM", "0") != "1":
+            return None
+        return cls(t.device)
+
+    def launch(self, fn, *reads):
+        """fn() on the side stream, after everything queued so far on the current stream."""
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            fn()
+        self.reading.append(reads)
+
+    def join(self):
+        """The current stream waits for every launch; their inputs may then be freed."""
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        self.reading.clear()
+
+
 def _is_gemv(spec, x, cout):
     # kernel covers the whole 4x4 input and the output has too few channels for a tensor-core tile
     return (not spec.transposed and spec.stride == 1 and spec.padding == 0 and not spec.bn
@@ -110,7 +153,8 @@ def block_forward(x, pro, wk, gamma, beta, running_mean, running_var, spec, *, k
 
 
 def block_backward(g, x, pro, wk, gamma, out, spec, *, need_dx, need_dw, dw=None, bn_grads=None,
-                   partials=None, prod=None, prod_act=None, g_is_dy=False, groups=1):
+                   partials=None, prod=None, prod_act=None, g_is_dy=False, groups=1,
+                   wgrad_stream=None):
     """g: NHWC gradient w.r.t. the block's activation (g_is_dy: already through the activation,
     for a block without BatchNorm whose consumer's data gradient applied it). x / pro: the block
     input as in forward; wk the kernel-layout weight of the forward. dw: fp32 kernel-layout
@@ -120,7 +164,8 @@ def block_backward(g, x, pro, wk, gamma, out, spec, *, need_dx, need_dw, dw=None
     of the producer of x, when its BN backward sums should be fused into this block's dgrad
     epilogue; prod_act: (y, act, slope) of a producer without BatchNorm, whose activation's
     derivative the dgrad epilogue then applies (dx comes back through it). groups: as in
-    block_forward.
+    block_forward. wgrad_stream: a WgradStream to run the weight gradient on when it goes into
+    a given dw (the caller joins it before reading dw).
     Returns (dx, dW, dgamma, dbeta, producer partials); dW in kernel layout. out.y may be None
     when nothing is to be applied to g (no BatchNorm, g_is_dy)."""
     y = out.y
@@ -143,8 +188,10 @@ def block_backward(g, x, pro, wk, gamma, out, spec, *, need_dx, need_dw, dw=None
         dy = bn_bwd_apply(bo, groups)
     else:
         dy = None
-    if need_dw:
-        dw = conv_wgrad(x, pro, bo if dy is None else dy, out.geom, dw, groups)
+    operand = bo if dy is None else dy
+    off_path = need_dw and dw is not None and wgrad_stream is not None
+    if need_dw and not off_path:
+        dw = conv_wgrad(x, pro, operand, out.geom, dw, groups)
     dx = prod_partials = None
     if need_dx:
         nb, ih, iw, cin = x.shape
@@ -153,6 +200,10 @@ def block_backward(g, x, pro, wk, gamma, out, spec, *, need_dx, need_dw, dw=None
         dx, _, prod_partials = conv_gemm(dy, wk, geom, cin, w_t=True, bwd=bo if dy is None else None,
                                          stats=2 if prod else 0, prod=prod, grad_act=prod_act,
                                          groups=groups)
+    if off_path:
+        # queued after the data gradient, which the rest of the chain waits for
+        wgrad_stream.launch(lambda: conv_wgrad(x, pro, operand, out.geom, dw, groups), x, pro,
+                            operand)
     return dx, dw if need_dw else None, dgamma, dbeta, prod_partials
 
 

@@ -8,7 +8,9 @@ whose epilogue also reduces the producer's BN backward sums (sum dz, sum dz*xhat
 dz = g*act'(z) recomputed from the producer's saved y), so each block's backward is two GEMMs,
 two tiny finalize kernels and the elementwise pass writing dy (kernels/block.py). A producer
 without BatchNorm (D's first block) gets its gradient through its activation straight from that
-epilogue, so its own GEMMs read it as it is, with no pass.
+epilogue, so its own GEMMs read it as it is, with no pass. With FASTDCGAN_WGRAD_STREAM=1 the
+weight gradients that go into .grad run on a second stream (kernels/block.py: WgradStream),
+joined before backward returns.
 
 Weights are read in kernel layout (kernels/weights.py), cast for all blocks at once; inside
 weights.training_step() the weight and BN-parameter gradients are accumulated by the kernels
@@ -31,7 +33,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .activations import ACTIVATIONS
-from .block import BlockOut, block_backward, block_forward, materialize_act
+from .block import BlockOut, WgradStream, block_backward, block_forward, materialize_act
 from .implicit_gemm import Xform, conv_out_size, make_geom
 from .weights import grad_sink, kernel_weights, torch_view
 
@@ -88,6 +90,7 @@ class NetworkFunction(torch.autograd.Function):
             below.append(below[-1] or any(need[base:base + 3]))
         g = grad.permute(0, 2, 3, 1).contiguous().to(blocks[-1][2].y.dtype)
         partials, g_is_dy = None, False
+        wgrad_stream = WgradStream.for_tensor(g)
         for i in reversed(range(len(specs))):
             w, gamma, out = blocks[i]
             spec = specs[i]
@@ -119,7 +122,7 @@ class NetworkFunction(torch.autograd.Function):
             dx, dw, dgamma, dbeta, prev_partials = block_backward(
                 g, x, pro, w, gamma, out, spec, need_dx=below[i], need_dw=need[base],
                 dw=dw_sink, bn_grads=bn_sinks, partials=partials, prod=prod, prod_act=prod_act,
-                g_is_dy=g_is_dy, groups=ctx.groups)
+                g_is_dy=g_is_dy, groups=ctx.groups, wgrad_stream=wgrad_stream)
             if dw is not None and dw_sink is None:
                 grads[base] = torch_view(dw, spec.transposed).to(weight.dtype)
             if spec.bn and bn_sinks is None:
@@ -128,6 +131,8 @@ class NetworkFunction(torch.autograd.Function):
             g, partials, g_is_dy = dx, prev_partials, prod_act is not None
             if not below[i]:
                 break
+        if wgrad_stream is not None:
+            wgrad_stream.join()
         if need[0]:
             grads[0] = g.permute(0, 3, 1, 2)
         return tuple(grads)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastdcgan import Discriminator, Generator
-from fastdcgan.kernels import block, implicit_gemm
+from fastdcgan.kernels import block, implicit_gemm, weights
 from precision import (
     allowed, DEV, eager_precision, FEEDS, interpreter_only, needs_cuda, rel_err, use_feed)
 
@@ -160,3 +160,72 @@ def test_autocast_bf16_gpu():
     assert all(t.grad.dtype == torch.float32 for t in (*g.parameters(), *d.parameters()))
     compare_state(g, gr, ge, 1e-1)
     compare_state(d, dr, de, 1e-1)
+
+
+def _sinked_backward(nz, ngf, ndf, batch, dtype=torch.float32):
+    """G -> D forward and backward inside a training step's scope, every parameter's .grad a
+    zero buffer beforehand (as FusedAdam's are), so the kernels accumulate into it; the grads."""
+    (g, d), _, _ = pair(nz, ngf, ndf)
+    g, d = g.use_kernel_layout(), d.use_kernel_layout()   # the sinks must be in kernel layout
+    params = [*g.parameters(), *d.parameters()]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    torch.manual_seed(1)
+    z, w = torch.randn(batch, nz, device=DEV), torch.randn(batch, device=DEV)
+    with weights.training_step(), torch.autocast(DEV, torch.bfloat16, enabled=dtype == torch.bfloat16):
+        (d(g(z)).float() * w).sum().backward()
+    return [p.grad.clone() for p in params]
+
+
+@interpreter_only
+def test_weight_gradients_go_through_the_wgrad_stream(monkeypatch):
+    """FASTDCGAN_WGRAD_STREAM's plumbing, with a stand-in stream that runs each launch at once:
+    every weight gradient of the two backwards (G's and D's) is launched on it, after its
+    block's data gradient, and each backward joins it once, after its last launch; the
+    gradients are the one-stream path's."""
+    monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
+    want = _sinked_backward(8, 4, 4, 3)
+    log = []
+
+    class Stream:
+        def launch(self, fn, *reads):
+            log.append("launch")
+            fn()
+
+        def join(self):
+            log.append("join")
+
+    monkeypatch.setattr(block.WgradStream, "for_tensor", classmethod(lambda cls, t: Stream()))
+    for name in ("conv_gemm", "conv_wgrad"):
+        def record(*args, _name=name, _fn=getattr(block, name), **kw):
+            log.append(_name)
+            return _fn(*args, **kw)
+        monkeypatch.setattr(block, name, record)
+    got = _sinked_backward(8, 4, 4, 3)
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+    backward = log[log.index("launch") - 1:]   # from the first backward GEMM
+    assert backward.count("join") == 2 and backward[-1] == "join"
+    assert backward.count("launch") == backward.count("conv_wgrad") == 10
+    launches = [i for i, event in enumerate(backward) if event == "launch"]
+    assert all(backward[i + 1] == "conv_wgrad" for i in launches)
+    # each after its block's data gradient: all of D's 5 (G's output wants a gradient) and 4 of
+    # G's (not into z, a leaf without grad)
+    assert [backward[i - 1] for i in launches].count("conv_gemm") == 9
+
+
+@needs_cuda
+@pytest.mark.parametrize("feed", ["prologues", "both-materialized"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["tf32", "bf16"])
+def test_weight_gradients_on_a_side_stream_gpu(dtype, feed, monkeypatch):
+    """FASTDCGAN_WGRAD_STREAM=1 (kernels/block.py): in a training step's scope, where the weight
+    gradients go into the parameters' .grad, they run on a second stream. A G -> D backward then
+    gives the one-stream gradients up to the split-K atomics' order. Outputs are NaN-poisoned
+    when allocated: an input of a side-stream launch freed and reused too early reads as NaN."""
+    use_feed(feed, monkeypatch)
+    grads = {}
+    for on in ("0", "1"):
+        monkeypatch.setenv("FASTDCGAN_WGRAD_STREAM", on)
+        grads[on] = _sinked_backward(100, 64, 64, 32, dtype)
+    for i, (a, b) in enumerate(zip(grads["0"], grads["1"])):
+        assert rel_err(b, a) < 1e-4, i

@@ -205,6 +205,19 @@ def test_captured_step_with_pdl_equals_uncaptured(monkeypatch):
 
 
 @needs_cuda
+@pytest.mark.parametrize("precision, floor, min_cos", [("fp32", 2e-2, 0.99), ("bf16", 3e-2, 0.95)])
+def test_captured_step_with_a_wgrad_stream_equals_uncaptured(precision, floor, min_cos,
+                                                             monkeypatch):
+    """FASTDCGAN_WGRAD_STREAM=1 (kernels/block.py): the captured step, whose graph then has the
+    weight gradients on a branch of their own, joined before each optimizer step, agrees with
+    one-stream eager steps as closely as two of those do."""
+    eager = _run("triton", precision, captured=False)
+    again = _run("triton", precision, captured=False)
+    monkeypatch.setenv("FASTDCGAN_WGRAD_STREAM", "1")
+    _assert_agrees(_run("triton", precision, captured=True), eager, again, floor, min_cos)
+
+
+@needs_cuda
 @pytest.mark.parametrize("precision, tol", [("fp32", 3e-2), ("bf16", 1e-1)])
 def test_captured_triton_step_tracks_the_reference_backend(precision, tol):
     """The captured fused step vs the eager cuDNN step from the same weights: the step statistics
