@@ -533,7 +533,8 @@ def tap_gemm_kernel(
     # one [pixels, CIN] @ [CIN, 16*COUT] GEMM that reads x (through its prologue) once: the phase
     # GEMMs read it 8 times (2 row taps x 4 phases, column taps paired), in 16-column tiles of
     # which COUT count, and the operand reads bound them. One program: BLOCK_M input pixels x
-    # BLOCK_N columns of fp32 P.
+    # BLOCK_N columns of P, stored in P's dtype (the operands': P is written and read back once
+    # each, the largest traffic of the layer, so bf16 operands get bf16 contributions).
     # W_T: the data gradient of a conv, whose weight W[kh, kw, co, ci] is read transposed.
     grid_dependency_wait(PDL)
     pid_m = tl.program_id(0)
@@ -557,7 +558,7 @@ def tap_gemm_kernel(
             woff = (tap * (CIN * COUT) + co)[None, :] + (ci * COUT)[:, None]
         b = tl.load(w_ptr + woff, mask=k_ok[:, None] & j_ok[None, :], other=0.0)
         acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PREC)
-    tl.store(p_ptr + (rm * (16 * COUT))[:, None] + rj[None, :], acc,
+    tl.store(p_ptr + (rm * (16 * COUT))[:, None] + rj[None, :], acc.to(p_ptr.dtype.element_ty),
              mask=row_ok[:, None] & j_ok[None, :])
 
 
@@ -589,7 +590,7 @@ def tap_sum_kernel(
             ok = p_ok & (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
             src = ((n * IH + ih) * IW + iw) * (16 * COUT) + (kh * 4 + kw) * COUT
             acc += tl.load(p_ptr + src[:, None] + co[None, :], mask=ok[:, None] & c_ok[None, :],
-                           other=0.0)
+                           other=0.0).to(tl.float32)
     optr = (rp * COUT)[:, None] + co[None, :]
     omask = p_ok[:, None] & c_ok[None, :]
     if EPI_GRAD:
@@ -1092,7 +1093,7 @@ def _tconv_input_stationary(xin, gin, w, w_t, geom, cout, prologue, y, a, epilog
     mode, p_aff, p_act, p_slope, pvec = prologue
     e_aff, e_act, e_slope, evec = epilogue
     m = nb * ih * iw
-    p = new_empty((m, 16 * cout), xin.device)
+    p = new_empty((m, 16 * cout), xin.device, xin.dtype)
     bn = next_power_of_2(16 * cout)
     prec = _dot_prec(xin.dtype, cin)
     if INTERPRET:
