@@ -4,11 +4,16 @@
 # measurements below, and prints a short table last, inside BUDGET seconds (default 540: one
 # device call may run 600). Every step after the tests runs only if the time it needs is left, in
 # priority order, so the summary always prints:
-#   1. GPU tests: kernels (tests_kernels.log), training step, sampler, optimizer (tests_step.log)
+#   1. GPU tests: kernels (tests_kernels.log); adam_step's argument checks alone (optim.log;
+#      they crashed on this machine before: on a crash, the C stack under (cuda-)gdb); training
+#      step, sampler, optimizer (tests_step.log)
 #   2. step table vs peers at B=128 and 512 (steps.md): D on real and fake in one grouped pass;
-#      then each fused layer vs the eager sequence it replaces (benches/layer_table.py)
+#      then each fused layer vs the eager sequence it replaces (benches/layer_table.py); then our
+#      step with the weight gradients on a second stream (FASTDCGAN_WGRAD_STREAM=1: off by
+#      default until this times it)
 #   3. Generator inference B=512 and the optimizer against their peers (optim.log)
-#   4. kernel-time profile of the captured step, bf16 and fp32 at B=128 (profile.md)
+#   4. kernel-time profile of the captured step, bf16 and fp32 at B=128, and of Generator
+#      inference at B=512 bf16 (profile.md)
 #   5. the step at B=128 with FASTDCGAN_JOINT_D=0 (two D passes, G beside D(real)), with
 #      FASTDCGAN_TAP_PAIRS=1 (column-tap pairs share their A tile loads: off by default), at B=128
 #      and 512 with FASTDCGAN_PDL=1 (programmatic dependent launch, kernels/pdl.py), and with the
@@ -20,7 +25,6 @@
 #      (tune.md; $OUT/tiles.json keeps the table's other entries; D's layers also at the grouped
 #      pass's doubled batch) for the feed that step 5 found faster (TUNE_FEED=prologues|raw
 #      overrides), then the step table with it
-#   8. adam_step argument checks under (cuda-)gdb (crashed on this machine before)
 # The Triton cache starts empty on a fresh machine: the step tables' and the sweep's kernels
 # compile in the background while the tests run (they share the on-disk cache), and are stopped
 # before the timed runs if not done by then (WARM_UNTIL s left). Logs go to $OUT (default
@@ -46,7 +50,9 @@ run() {
 }
 # a test log's last lines, then its failing tests with their assertion lines (which quantity,
 # which values)
-report() { [ -f "$1" ] || return 0; tail -2 "$1"; grep -E "^(FAILED|ERROR)|^E   |crashed" "$1" | head -40; }
+# (the tests run with -v: a test's name and outcome are logged as it ends, so a run cut short by
+# its timeout still names its failures)
+report() { [ -f "$1" ] || return 0; tail -2 "$1"; grep -E "(FAILED|ERROR) tests/|^E   |crashed" "$1" | head -40; }
 
 step environment
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/build.log"
@@ -88,7 +94,7 @@ warm_pid=$!
 
 step "kernel tests (parallel workers share the Triton cache)"
 [ -n "${SKIP_TESTS:-}" ] && with_tests=0 || with_tests=1
-(( with_tests )) && run 60 200 $py -m pytest -q -p no:cacheprovider -n ${WORKERS:-6} --tb=short \
+(( with_tests )) && run 60 200 $py -m pytest -v -p no:cacheprovider -n ${WORKERS:-6} --tb=short \
   tests/test_conv_transpose_bn_act.py tests/test_conv_bn_act.py tests/test_models_triton.py \
   tests/test_batch_groups.py >"$OUT/tests_kernels.log" 2>&1
 report "$OUT/tests_kernels.log"
@@ -96,7 +102,17 @@ report "$OUT/tests_kernels.log"
 step "extension, then training step / sampler / optimizer tests"
 wait $build_pid || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; }
 $py -c "import fastdcgan._ext as e; e.load(); print('extension with CUDA:', e.with_cuda())"
-(( with_tests )) && run 60 150 $py -m pytest -q -p no:cacheprovider -n 4 --tb=short \
+# adam_step's argument checks first, alone: they crashed a worker here before (a compiler's own
+# stream code in the extension); on a crash, the C stack
+run 20 40 $py -X faulthandler -m pytest -q -p no:cacheprovider -p no:xdist tests/test_optim.py \
+  -k op_checks_arguments 2>&1 | tail -3 | tee "$OUT/optim.log"
+if ! grep -q " passed" "$OUT/optim.log"; then
+  debugger=$(command -v gdb || command -v cuda-gdb)   # the device machines have cuda-gdb only
+  [ -n "$debugger" ] && run 20 40 $debugger -q -batch -ex run -ex "bt 14" --args $py -m pytest -q \
+    -p no:cacheprovider -p no:xdist tests/test_optim.py -k op_checks_arguments 2>&1 \
+    | grep -E "^#|SIG|passed|failed" | head -20
+fi
+(( with_tests )) && run 60 150 $py -m pytest -v -p no:cacheprovider -n 4 --tb=short --durations=12 \
   tests/test_optim.py tests/test_loss.py tests/test_step.py tests/test_sampler.py tests/test_weights.py \
   tests/test_generate.py >"$OUT/tests_step.log" 2>&1
 report "$OUT/tests_step.log"
@@ -114,6 +130,11 @@ step "per layer: each fused op vs the eager sequence it replaces (issues 3 and 4
 echo "per layer (benches/layer_table.py --no-compile):" >>"$OUT/steps.md"
 run 60 90 $py benches/layer_table.py --no-compile 2>&1 | tee -a "$OUT/steps.md" | tail -8
 
+step "weight gradients on a second stream (FASTDCGAN_WGRAD_STREAM=1), bf16 and fp32"
+echo "weight gradients on a second stream (FASTDCGAN_WGRAD_STREAM=1):" >>"$OUT/steps.md"
+FASTDCGAN_WGRAD_STREAM=1 run 40 80 $py benches/step_table.py --batches 128,512 --steps 20 \
+  --peers none 2>&1 | tee -a "$OUT/steps.md" | tail -6
+
 step "Generator inference B=512 (ours, captured, peers; torch.compile: see peers.md)"
 run 30 60 $py -m pytest -q -p no:cacheprovider benches/bench_generator.py --benchmark-only \
   -k "not compile" --benchmark-columns=median,min --benchmark-sort=name 2>&1 \
@@ -121,7 +142,7 @@ run 30 60 $py -m pytest -q -p no:cacheprovider benches/bench_generator.py --benc
 
 step "optimizer"
 run 20 40 $py -m pytest -q -p no:cacheprovider benches/bench_optim.py --benchmark-only -k cuda \
-  --benchmark-columns=median,min --benchmark-sort=name 2>&1 | tee "$OUT/optim.log" | tail -8
+  --benchmark-columns=median,min --benchmark-sort=name 2>&1 | tee -a "$OUT/optim.log" | tail -8
 
 step "profile of the captured step"
 for prec in bf16 fp32; do   # the per-launch sequence goes to profile.md only
@@ -129,6 +150,11 @@ for prec in bf16 fp32; do   # the per-launch sequence goes to profile.md only
     >>"$OUT/profile.md" 2>&1
   grep -A16 "^### B=128 $prec" "$OUT/profile.md" || tail -5 "$OUT/profile.md"
 done
+
+step "profile of Generator inference B=512 bf16 (its target: 0.4 ms)"
+run 25 50 $py benches/profile_step.py --generator --batch 512 --precision bf16 --top 10 --sequence \
+  >>"$OUT/profile.md" 2>&1
+grep -A12 "^### B=512 bf16" "$OUT/profile.md" || tail -5 "$OUT/profile.md"
 
 step "D on real and fake in two passes, G beside D(real) (FASTDCGAN_JOINT_D=0)"
 echo "D in two passes, G beside D(real) (FASTDCGAN_JOINT_D=0):" >>"$OUT/steps.md"
@@ -185,16 +211,6 @@ if [ -n "${TUNE:-}" ]; then
   else
     tail -30 "$OUT/tune.md" 2>/dev/null
   fi
-fi
-
-step "adam_step argument checks (segfaulted here before: the compiler's stream code): C stack of a crash"
-debugger=$(command -v gdb || command -v cuda-gdb)   # the device machines have cuda-gdb only
-if [ -n "$debugger" ]; then
-  run 20 40 $debugger -q -batch -ex run -ex "bt 14" --args $py -m pytest -q -p no:cacheprovider \
-    -p no:xdist tests/test_optim.py -k op_checks_arguments 2>&1 | grep -E "^#|SIG|passed|failed" | head -20
-else
-  run 20 40 $py -X faulthandler -m pytest -q -p no:cacheprovider -p no:xdist tests/test_optim.py \
-    -k op_checks_arguments 2>&1 | tail -25
 fi
 
 step summary

@@ -2,11 +2,13 @@
 graph replays, kernels grouped by name, the top ones printed as a markdown table.
 
     python benches/profile_step.py [--batch 128] [--precision bf16] [--replays 10] [--top 25]
-                                   [--sequence]
+                                   [--sequence] [--generator]
 
 --sequence also lists every kernel of one replay in launch order with its grid, block,
 registers and shared memory (from the profiler's trace), so each GEMM's time can be told apart
 (the grid says which layer: (column tiles, phases, row tiles) for conv_gemm_kernel).
+--generator profiles Generator inference (eval, replayed from its CUDA graph: the case
+benches/bench_generator.py times as "ours (CUDA graph)") instead of the training step.
 """
 import argparse
 import json
@@ -17,6 +19,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from layer_table import generator_cases
 from peers import ours_step
 
 
@@ -27,8 +30,13 @@ def main():
     p.add_argument("--replays", type=int, default=10)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--sequence", action="store_true", help="every kernel of one replay, in order")
+    p.add_argument("--generator", action="store_true", help="Generator inference, not the step")
     args = p.parse_args()
-    step = ours_step(args.batch, args.precision)
+    if args.generator:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
+        step = torch.no_grad()(generator_cases(args.batch, dtype, compiled=False)["ours (CUDA graph)"])
+    else:
+        step = ours_step(args.batch, args.precision)
     for _ in range(6):
         step()
     torch.cuda.synchronize()
@@ -42,8 +50,9 @@ def main():
             total[ev.name] += ev.time_range.elapsed_us()
             count[ev.name] += 1
     step_us = sum(total.values()) / args.replays
-    print(f"### B={args.batch} {args.precision}: {step_us / 1e3:.3f} ms of kernel time per step, "
-          f"{sum(count.values()) / args.replays:.0f} kernels per step")
+    what = "Generator inference" if args.generator else "step"
+    print(f"### B={args.batch} {args.precision}: {step_us / 1e3:.3f} ms of kernel time per {what}, "
+          f"{sum(count.values()) / args.replays:.0f} kernels per {what}")
     print("| kernel | launches/step | us/step | share |")
     print("|---|---|---|---|")
     for name, us in sorted(total.items(), key=lambda kv: -kv[1])[:args.top]:
