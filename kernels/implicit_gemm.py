@@ -533,8 +533,7 @@ def tap_gemm_kernel(
     # one [pixels, CIN] @ [CIN, 16*COUT] GEMM that reads x (through its prologue) once: the phase
     # GEMMs read it 8 times (2 row taps x 4 phases, column taps paired), in 16-column tiles of
     # which COUT count, and the operand reads bound them. One program: BLOCK_M input pixels x
-    # BLOCK_N columns of P, stored in P's dtype (the operands': P is written and read back once
-    # each, the largest traffic of the layer, so bf16 operands get bf16 contributions).
+    # BLOCK_N columns of P, stored in P's dtype (_tconv_input_stationary).
     # W_T: the data gradient of a conv, whose weight W[kh, kw, co, ci] is read transposed.
     grid_dependency_wait(PDL)
     pid_m = tl.program_id(0)
@@ -1093,7 +1092,12 @@ def _tconv_input_stationary(xin, gin, w, w_t, geom, cout, prologue, y, a, epilog
     mode, p_aff, p_act, p_slope, pvec = prologue
     e_aff, e_act, e_slope, evec = epilogue
     m = nb * ih * iw
-    p = new_empty((m, 16 * cout), xin.device, xin.dtype)
+    # P, written and read back once, is the layer's largest traffic: an inference pass (no raw
+    # output kept for a backward) stores it in the operands' dtype, halving it in bf16. Before a
+    # backward it stays fp32: bf16 terms, rounded before their sum, move small outputs by more
+    # than one rounding of the sum does, which flips the ReLU' of pre-activations that eager's
+    # output keeps (a BN block's data gradient was 11x eager's error off float64).
+    p = new_empty((m, 16 * cout), xin.device, xin.dtype if y is None else torch.float32)
     bn = next_power_of_2(16 * cout)
     prec = _dot_prec(xin.dtype, cin)
     if INTERPRET:

@@ -45,9 +45,8 @@ def test_operand_bytes_of_a_forward_gemm_and_a_weight_gradient(monkeypatch):
 
 @interpreter_only
 def test_bytes_of_the_input_stationary_transposed_conv(monkeypatch):
-    """G's last layer reads its input once (plus the weight per row tile) and moves its
-    contributions P (fp32 here, the operands' dtype) through memory: stored by tap_gemm_kernel,
-    read back by tap_sum_kernel."""
+    """G's last layer reads its input once (plus the weight per row tile) and moves its fp32
+    contributions P through memory: stored by tap_gemm_kernel, read back by tap_sum_kernel."""
     monkeypatch.setattr(ig, "INTERPRET", False)
     nb, cin, cout, hw = 2, 64, 3, 32
     launches = {}
