@@ -15,6 +15,7 @@ older), so a clean run here is a strong hint, not a proof.
     python benches/compile_check.py --batches 128 --dtypes bf16 --verbose
     python benches/compile_check.py --batches 512 --dtypes bf16 --loops   # main-loop cost table
     python benches/compile_check.py --batches 128 --pdl   # the launches of FASTDCGAN_PDL=1
+    python benches/compile_check.py --tma --loops   # FASTDCGAN_TMA=1: GEMM operands as TMA boxes
 
 Exits 1 when a kernel fails to compile or needs more shared memory than a block may have (the
 launcher would fall back to fewer stages); spills are reported, not failed (the tile sweep
@@ -35,6 +36,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from gemm_traffic import mma_columns  # noqa: E402
 
@@ -47,6 +49,8 @@ _TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16
 def _arg_type(v):
     if isinstance(v, torch.Tensor):
         return _TYPES[v.dtype]
+    if isinstance(v, TensorDescriptor):
+        return f"tensordesc<{_TYPES[v.base.dtype][1:]}[{','.join(map(str, v.block_shape))}]>"
     if isinstance(v, bool):
         return "i1"
     if isinstance(v, int):
@@ -82,9 +86,9 @@ class Recorder:
         self.launches.setdefault(key, (fn, sig, consts, div16, num_warps, num_stages))
 
 
-def trace(batches, dtypes, pdl=False):
+def trace(batches, dtypes, pdl=False, tma=False):
     """Runs the traced passes with every kernel launch recorded instead of run (pdl: launched
-    as FASTDCGAN_PDL=1 launches them on an H100)."""
+    as FASTDCGAN_PDL=1 launches them on an H100; tma: with FASTDCGAN_TMA=1)."""
     from fastdcgan import Discriminator, Generator, ops
     from fastdcgan.kernels import implicit_gemm
     from fastdcgan.kernels import pdl as pdl_module
@@ -95,6 +99,7 @@ def trace(batches, dtypes, pdl=False):
     pdl_module.enabled = lambda device: pdl
     original = JITFunction.run
     JITFunction.run = lambda self, *a, **k: rec.run(self, *a, **k)
+    os.environ["FASTDCGAN_TMA"] = "1" if tma else "0"
     try:
         # every way of feeding the GEMMs: activations and dy through the consumers' prologues or
         # materialized (FASTDCGAN_MATERIALIZE_ACT / _DY)
@@ -117,6 +122,7 @@ def trace(batches, dtypes, pdl=False):
         JITFunction.run = original
         os.environ.pop("FASTDCGAN_MATERIALIZE_ACT", None)
         os.environ.pop("FASTDCGAN_MATERIALIZE_DY", None)
+        os.environ.pop("FASTDCGAN_TMA", None)
     return rec.launches
 
 
@@ -140,17 +146,22 @@ def _usage(cubin):
 
 
 def main_loop_sass(cubin):
-    """SASS instructions in the kernel's largest loop (a GEMM's K loop, or the weight gradient's
-    pixel loop): the span between the longest backward branch and its target; without a loop (a
+    """SASS instructions in the kernel's main loop (a GEMM's K loop, or the weight gradient's
+    pixel loop): the span between a backward branch and its target, the shortest one holding a
+    tensor-core MMA (a TMA kernel's barrier-wait retries branch back into the loop from stubs at
+    the kernel's end, spans that hold the loop's MMAs too), else the longest; without a loop (a
     GEMM of one K step), the whole kernel's."""
     ins = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", _cuobjdump(cubin, "-sass"))
     index = {int(a, 16): i for i, (a, _) in enumerate(ins)}
-    best = 0
+    spans = []
     for i, (a, text) in enumerate(ins):
         m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if m and int(m.group(1), 16) < int(a, 16) and int(m.group(1), 16) in index:
-            best = max(best, i - index[int(m.group(1), 16)] + 1)
-    return best or len(ins)
+            spans.append((index[int(m.group(1), 16)], i))
+    mma = [j - k + 1 for k, j in spans if any(re.match(r"H[G]?MMA", t) for _, t in ins[k:j + 1])]
+    if mma:
+        return min(mma)
+    return max((j - k + 1 for k, j in spans), default=0) or len(ins)
 
 
 def compile_one(fn, sig, consts, div16, num_warps, num_stages, loops=False):
@@ -169,7 +180,7 @@ def compile_one(fn, sig, consts, div16, num_warps, num_stages, loops=False):
 
 def _short(consts):
     keep = ("PRO", "OUT_MODE", "STATS", "EPI_GRAD", "GROUPED", "PHW", "T", "ALIGNED", "W_T",
-            "DOT_PREC", "PAIR", "BLOCK_M", "BLOCK_N", "BLOCK_K", "MODE", "TRAINING", "ACCUMULATE")
+            "DOT_PREC", "PAIR", "TMA", "BLOCK_M", "BLOCK_N", "BLOCK_K", "MODE", "TRAINING", "ACCUMULATE")
     return " ".join(f"{k}={v}" for k, v in consts.items() if k in keep)
 
 
@@ -180,12 +191,17 @@ def main():
     ap.add_argument("--verbose", action="store_true", help="one line per kernel, not only problems")
     ap.add_argument("--pdl", action="store_true",
                     help="trace the launches of FASTDCGAN_PDL=1 (programmatic dependent launch)")
+    ap.add_argument("--tma", action="store_true",
+                    help="trace the launches of FASTDCGAN_TMA=1 and compile those with operands as "
+                         "TMA boxes")
     ap.add_argument("--loops", action="store_true",
                     help="also table the GEMMs' main loops: SASS instructions per iteration and "
                          "warp-instructions per FLOP against the issue budget")
     a = ap.parse_args()
     dtypes = [{"fp32": torch.float32, "bf16": torch.bfloat16}[d] for d in a.dtypes.split(",")]
-    launches = trace([int(b) for b in a.batches.split(",")], dtypes, a.pdl)
+    launches = trace([int(b) for b in a.batches.split(",")], dtypes, a.pdl, a.tma)
+    if a.tma:
+        launches = {k: v for k, v in launches.items() if v[2].get("TMA")}
     print(f"{len(launches)} distinct kernel specializations traced; compiling for sm_90")
     errors = spilling = 0
     loops = []

@@ -9,8 +9,9 @@
 #      step, sampler, optimizer (tests_step.log)
 #   2. step table vs peers at B=128 and 512 (steps.md): D on real and fake in one grouped pass;
 #      then each fused layer vs the eager sequence it replaces (benches/layer_table.py); then our
-#      step with the weight gradients on a second stream (FASTDCGAN_WGRAD_STREAM=1: off by
-#      default until this times it)
+#      step with the weight gradients on a second stream (FASTDCGAN_WGRAD_STREAM=1), and with the
+#      GEMMs' raw operands loaded as TMA boxes (FASTDCGAN_TMA=1): both off by default until this
+#      times them
 #   3. Generator inference B=512 and the optimizer against their peers (optim.log)
 #   4. kernel-time profile of the captured step, bf16 and fp32 at B=128, and of Generator
 #      inference at B=512 bf16 (profile.md)
@@ -71,7 +72,7 @@ warm() {   # one short run of each timed configuration (step tables, layer table
   while kill -0 $build_pid 2>/dev/null; do sleep 1; done   # (the build is not this subshell's child)
   # "BATCHES ENV [ARGS]": the batch sizes, an environment assignment, more step_table arguments
   for cfg in "128 _=" "512 _=" "128 FASTDCGAN_JOINT_D=0" "128 FASTDCGAN_TAP_PAIRS=1" \
-      "128,512 FASTDCGAN_PDL=1" "128,512 _= --feeds prologues,dy,act"; do
+      "128,512 FASTDCGAN_PDL=1" "128,512 _= --feeds prologues,dy,act" "128,512 FASTDCGAN_TMA=1"; do
     set -- $cfg
     local batches=$1 assign=$2; shift 2
     env $assign timeout 300 $py benches/step_table.py --batches $batches --steps 1 --peers none "$@" \
@@ -96,7 +97,7 @@ step "kernel tests (parallel workers share the Triton cache)"
 [ -n "${SKIP_TESTS:-}" ] && with_tests=0 || with_tests=1
 (( with_tests )) && run 60 200 $py -m pytest -v -p no:cacheprovider -n ${WORKERS:-6} --tb=short \
   tests/test_conv_transpose_bn_act.py tests/test_conv_bn_act.py tests/test_models_triton.py \
-  tests/test_batch_groups.py >"$OUT/tests_kernels.log" 2>&1
+  tests/test_batch_groups.py tests/test_tma.py >"$OUT/tests_kernels.log" 2>&1
 report "$OUT/tests_kernels.log"
 
 step "extension, then training step / sampler / optimizer tests"
@@ -133,6 +134,11 @@ run 60 90 $py benches/layer_table.py --no-compile 2>&1 | tee -a "$OUT/steps.md" 
 step "weight gradients on a second stream (FASTDCGAN_WGRAD_STREAM=1), bf16 and fp32"
 echo "weight gradients on a second stream (FASTDCGAN_WGRAD_STREAM=1):" >>"$OUT/steps.md"
 FASTDCGAN_WGRAD_STREAM=1 run 40 80 $py benches/step_table.py --batches 128,512 --steps 20 \
+  --peers none 2>&1 | tee -a "$OUT/steps.md" | tail -6
+
+step "GEMM operands as TMA boxes (FASTDCGAN_TMA=1), bf16 and fp32"
+echo "GEMM operands as TMA boxes (FASTDCGAN_TMA=1):" >>"$OUT/steps.md"
+FASTDCGAN_TMA=1 run 40 80 $py benches/step_table.py --batches 128,512 --steps 20 \
   --peers none 2>&1 | tee -a "$OUT/steps.md" | tail -6
 
 step "Generator inference B=512 (ours, captured, peers; torch.compile: see peers.md)"

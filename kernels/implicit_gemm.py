@@ -32,6 +32,12 @@ gradient; INPUT_STATIONARY_MAX_COUT) is not phase GEMMs but input-stationary: a 
 input pixels producing each pixel's 16 taps' contributions, summed per output pixel by a second
 pass (tap_gemm_kernel, tap_sum_kernel; its weight gradient likewise: tconv_wgrad_kernel).
 
+With FASTDCGAN_TMA=1 (off until a GPU run times it), the forward and data-gradient GEMMs on raw
+operands load both tiles as TMA boxes through tensor descriptors (_tma_taps, _tma_descriptors):
+the copy engine moves them and zero-fills the padding, so the K loop holds no address or mask
+arithmetic (sm_90 SASS: 105-137 instructions per warp and K step, against 135-208 for the
+cp.async loops of the same tiles), where a row tile is whole rows of a power-of-two map.
+
 With FASTDCGAN_TAP_PAIRS=1, stride-2 convs and transposed convs on raw operands pair their column
 taps (PAIR, _paired_taps): one A tile feeds two kernel columns' accumulators, the second moved by
 an output column before the sum, so the input is loaded half as often as one tap per K step
@@ -47,6 +53,7 @@ import triton
 import triton.language as tl
 import triton.testing
 from triton.runtime.errors import OutOfResources
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .activations import act_grad, apply_act
 from .grid import cdiv, next_power_of_2, pow2_divisor
@@ -301,12 +308,51 @@ def _paired_taps(x_ptr, w_ptr, xrow, ih0, iw0, mw, row_ok, rk, rn, col_ok, ph, p
 
 
 @triton.jit
+def _tma_taps(xd, wd, pid_m, pid_n, ph, pw, CIN, COUT, MH, MW, IOFF, PHW: tl.constexpr,
+              T: tl.constexpr, IS: tl.constexpr, PIN: tl.constexpr, TSTEP: tl.constexpr,
+              W_T: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # conv_gemm_kernel's K loop on raw operands loaded as TMA boxes (TMA: xd, wd are tensor
+    # descriptors, _tma_descriptors): the copy engine moves each tile, with no per-element
+    # address or mask arithmetic in the loop, and zero-fills taps beyond the input's edges (the
+    # padding). The row tile is whole output rows: x's box is [images, rows, MW, BLOCK_K] at
+    # the tap's first input row and column (stride 1); a stride-2 conv sees x as
+    # [N, IH/2, 2, IW/2, 2*CIN], where input row 2*i + r is (i + floor(r/2), r mod 2), so a
+    # tap's every-other rows and columns are one box [images, rows, 1, MW, BLOCK_K] too.
+    m0 = pid_m * BLOCK_M
+    n0 = m0 // (MH * MW)
+    mh0 = (m0 // MW) % MH
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, T * T * CIN, BLOCK_K):
+        tap = k0 // CIN
+        c0 = k0 - tap * CIN
+        th = tap // T
+        tw = tap % T
+        # the tap's input offset from (IS*mh, IS*mw) of the tile's output rows (>= -2)
+        rh = ph * PIN + IOFF + th * TSTEP
+        rw = pw * PIN + IOFF + tw * TSTEP
+        if IS == 2:
+            a = xd.load([n0, mh0 + (rh + 2) // 2 - 1, (rh + 2) % 2, (rw + 2) // 2 - 1,
+                         (rw + 2) % 2 * CIN + c0])
+        else:
+            a = xd.load([n0, mh0 + rh, rw, c0])
+        a = tl.reshape(a, [BLOCK_M, BLOCK_K])
+        wrow = _weight_tap(ph, th, PHW) * 4 + _weight_tap(pw, tw, PHW)
+        if W_T:
+            b = tl.trans(wd.load([wrow * COUT + pid_n * BLOCK_N, c0]))
+        else:
+            b = wd.load([wrow * CIN + c0, pid_n * BLOCK_N])
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
 def conv_gemm_kernel(
     x_ptr, g_ptr, w_ptr, y_ptr, a_ptr,
     ps_ptr, pb_ptr, pca_ptr, pcb_ptr, pcc_ptr,
     es_ptr, eb_ptr, em_ptr, er_ptr, ey_ptr,
     st0_ptr, st1_ptr, cnt_ptr,
-    M, GROUP_TILES, pro_slope, epi_slope,
+    M, GROUP_TILES, pro_slope, epi_slope, xd, wd,
     CIN: tl.constexpr, COUT: tl.constexpr, IH: tl.constexpr, IW: tl.constexpr, OH: tl.constexpr,
     OW: tl.constexpr, MH: tl.constexpr, MW: tl.constexpr, IOFF: tl.constexpr,
     PRO: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_ACT: tl.constexpr,
@@ -314,8 +360,8 @@ def conv_gemm_kernel(
     STATS: tl.constexpr, EPI_GRAD: tl.constexpr, GROUPED: tl.constexpr,
     PHW: tl.constexpr, T: tl.constexpr, IS: tl.constexpr, OS: tl.constexpr, PIN: tl.constexpr,
     TSTEP: tl.constexpr, ALIGNED: tl.constexpr, W_T: tl.constexpr, DOT_PREC: tl.constexpr,
-    PAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr,
+    PAIR: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program: a [BLOCK_M output pixels, BLOCK_N output channels] tile of one phase, K looped
     # in BLOCK_K steps. Grid (column tiles, phases, row tiles), scheduled axis 0 fastest: the
@@ -333,7 +379,8 @@ def conv_gemm_kernel(
     # [group, C] rows of the prologue's and epilogue's BN vectors, and the partial rows are
     # ordered (group, phase, tile) so that bn_finalize reads each group's rows together.
     # PAIR (a stride-2 conv or transposed conv on raw operands, BLOCK_M a multiple of MW): column
-    # taps in pairs share their A tiles (_paired_taps).
+    # taps in pairs share their A tiles (_paired_taps). TMA: raw operands as TMA boxes
+    # (_tma_taps; xd, wd: their tensor descriptors).
     grid_dependency_wait(PDL)
     pid_n = tl.program_id(0)
     phase = tl.program_id(1)
@@ -355,7 +402,11 @@ def conv_gemm_kernel(
     rk = tl.arange(0, BLOCK_K)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = rn < COUT
-    if PAIR:
+    if TMA:
+        tl.static_assert(PRO == 0, "TMA boxes hold raw operands")
+        acc = _tma_taps(xd, wd, pid_m, pid_n, ph, pw, CIN, COUT, MH, MW, IOFF, PHW, T, IS, PIN,
+                        TSTEP, W_T, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    elif PAIR:
         tl.static_assert(PRO == 0, "column taps pair on raw operands only")
         acc = _paired_taps(x_ptr, w_ptr, xrow, ih0, iw0, (iw0 - pw * PIN - IOFF) // IS, row_ok,
                            rk, rn, col_ok, ph, pw, CIN, COUT, IH, IW, MW, PHW, T, TSTEP, W_T,
@@ -917,6 +968,54 @@ def tap_pairs():
     return os.environ.get("FASTDCGAN_TAP_PAIRS", "0") == "1"
 
 
+def tma():
+    """FASTDCGAN_TMA, 0 by default (read at each call): 1 has the forward and data-gradient GEMMs
+    on raw operands load their tiles as TMA boxes (conv_gemm_kernel TMA) where the shapes allow
+    (_tma_descriptors). Off until a GPU run times it."""
+    return os.environ.get("FASTDCGAN_TMA", "0") == "1"
+
+
+# a TMA box spans at most 256 elements per dimension
+TMA_BOX_MAX = 256
+
+
+def _tma_descriptors(x, w, geom, cin, cout, w_t, bm, bn, bk):
+    """(xd, wd): tensor descriptors of conv_gemm_kernel's raw operands for _tma_taps, x the NHWC
+    input [N, IH, IW, cin] and w the weight ([4, 4, cin, cout], or [4, 4, cout, cin] with w_t),
+    or None where the boxes cannot hold the tiles: a row tile of BLOCK_M rows must be whole rows
+    of MW pixels (power-of-two maps), a K block one tap's channels, every row of either tensor
+    16-byte aligned (TMA's rule), and a stride-2 input even-sized (its row pairs)."""
+    nb, ih, iw, _ = x.shape
+    elem = x.element_size()
+    mh, mw = geom.mh, geom.mw
+    if not (x.is_contiguous() and w.is_contiguous() and x.data_ptr() % 16 == 0
+            and w.data_ptr() % 16 == 0 and w.dtype == x.dtype):
+        return None
+    if cin % bk or (cin * elem) % 16 or (cout * elem) % 16 or (bk * elem) % 16:
+        return None
+    if mw & (mw - 1) or mh & (mh - 1) or bm % mw:
+        return None
+    rows = min(mh, bm // mw)
+    images = bm // (rows * mw)
+    if max(images, rows, mw, bk, bn) > TMA_BOX_MAX:
+        return None
+    if geom.in_s == 1:
+        xd = TensorDescriptor(x, [nb, ih, iw, cin], [ih * iw * cin, iw * cin, cin, 1],
+                              [images, rows, mw, bk])
+    elif (geom.in_s == 2 and geom.phw == 1 and ih % 2 == 0 and iw % 2 == 0
+          and geom.ioff + min(0, (geom.t - 1) * geom.tstep) >= -2):   # _tma_taps' row offsets
+        xd = TensorDescriptor(x, [nb, ih // 2, 2, iw // 2, 2 * cin],
+                              [ih * iw * cin, 2 * iw * cin, iw * cin, 2 * cin, 1],
+                              [images, rows, 1, mw, bk])
+    else:
+        return None
+    if w_t:
+        wd = TensorDescriptor(w, [16 * cout, cin], [cin, 1], [bn, bk])
+    else:
+        wd = TensorDescriptor(w, [16 * cin, cout], [cout, 1], [bk, bn])
+    return xd, wd
+
+
 def pairs_column_taps(geom):
     """Whether a GEMM of this geometry can pair its column taps (_paired_taps): a stride-2
     transposed conv (padding 1), or a stride-2 conv with padding 1 on an even-width map, whose
@@ -1051,6 +1150,14 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
                              "of 16 (the smallest row tile)")
         group_tiles = group_rows // bm
     pair = pair and bm % geom.mw == 0   # a row tile of whole image rows
+    descriptors = None
+    if tma() and mode == 0 and not pair and aligned:
+        descriptors = _tma_descriptors(xin, w, geom, cin, cout, w_kmajor, bm, cands[0][0], bk)
+    if descriptors:
+        # the boxes are made for one BLOCK_N; a pipeline to overlap the copies with the dots
+        bn, warps, stages = cands[0]
+        cands = [(bn, warps, stages if INTERPRET else max(stages, 3))]
+    xd, wd = descriptors or (dummy, dummy)
     n_mt = cdiv(m, bm)
     st0 = st1 = cnt = dummy
     partials = None
@@ -1064,13 +1171,14 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
         else:
             partials = (st0, st1)
     args = (xin, gin, w, y if store_y else dummy, a if store_a else dummy, *pvec, *evec,
-            st0, st1, cnt, m, group_tiles or n_mt, float(p_slope), float(e_slope))
+            st0, st1, cnt, m, group_tiles or n_mt, float(p_slope), float(e_slope), xd, wd)
     consts = dict(**_shape_consts(geom, cin, cout, ih, iw), PRO=mode, PRO_AFFINE=p_aff,
                   PRO_ACT=p_act, STORE_Y=store_y, STORE_A=store_a, EPI_AFFINE=e_aff, EPI_ACT=e_act,
                   STATS=stats, EPI_GRAD=grad_act is not None, GROUPED=grouped, PHW=geom.phw,
                   T=geom.t, IS=geom.in_s, OS=geom.out_s, PIN=geom.pin, TSTEP=geom.tstep,
                   ALIGNED=aligned, W_T=w_kmajor, DOT_PREC=_dot_prec(dtype, geom.t * geom.t * cin),
-                  PAIR=pair, BLOCK_M=bm, BLOCK_K=bk, **launch_options(dev))
+                  PAIR=pair, TMA=descriptors is not None, BLOCK_M=bm, BLOCK_K=bk,
+                  **launch_options(dev))
     tiles = [({"BLOCK_N": bn}, w, s) for bn, w, s in cands]
     grid = lambda meta: (cdiv(cout, meta["BLOCK_N"]), geom.phases, n_mt)  # noqa: E731
     launch(conv_gemm_kernel, grid, args, consts, tiles,

@@ -24,3 +24,8 @@ def test_training_kernels_compile_for_sm90():
 def test_training_kernels_compile_for_sm90_with_pdl():
     """FASTDCGAN_PDL=1's specializations (bf16): each compiles with its griddepcontrol.wait."""
     compile_check("--batches", "128", "--dtypes", "bf16", "--pdl")
+
+
+def test_tma_gemms_compile_for_sm90():
+    """FASTDCGAN_TMA=1's GEMMs (operands as TMA boxes, bf16 and fp32) compile and fit."""
+    compile_check("--batches", "128", "--tma")
