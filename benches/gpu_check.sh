@@ -10,8 +10,8 @@
 #   2. step table vs peers at B=128 and 512 (steps.md): D on real and fake in one grouped pass;
 #      then each fused layer vs the eager sequence it replaces (benches/layer_table.py); then our
 #      step with the weight gradients on a second stream (FASTDCGAN_WGRAD_STREAM=1), and with the
-#      GEMMs' raw operands loaded as TMA boxes (FASTDCGAN_TMA=1): both off by default until this
-#      times them
+#      GEMMs' raw operands loaded as TMA boxes (FASTDCGAN_TMA=1), and with both: off by default
+#      until this times them
 #   3. Generator inference B=512 and the optimizer against their peers (optim.log)
 #   4. kernel-time profile of the captured step, bf16 and fp32 at B=128, and of Generator
 #      inference at B=512 bf16 (profile.md)
@@ -131,15 +131,12 @@ step "per layer: each fused op vs the eager sequence it replaces (issues 3 and 4
 echo "per layer (benches/layer_table.py --no-compile):" >>"$OUT/steps.md"
 run 60 90 $py benches/layer_table.py --no-compile 2>&1 | tee -a "$OUT/steps.md" | tail -8
 
-step "weight gradients on a second stream (FASTDCGAN_WGRAD_STREAM=1), bf16 and fp32"
-echo "weight gradients on a second stream (FASTDCGAN_WGRAD_STREAM=1):" >>"$OUT/steps.md"
-FASTDCGAN_WGRAD_STREAM=1 run 40 80 $py benches/step_table.py --batches 128,512 --steps 20 \
-  --peers none 2>&1 | tee -a "$OUT/steps.md" | tail -6
-
-step "GEMM operands as TMA boxes (FASTDCGAN_TMA=1), bf16 and fp32"
-echo "GEMM operands as TMA boxes (FASTDCGAN_TMA=1):" >>"$OUT/steps.md"
-FASTDCGAN_TMA=1 run 40 80 $py benches/step_table.py --batches 128,512 --steps 20 \
-  --peers none 2>&1 | tee -a "$OUT/steps.md" | tail -6
+step "candidate defaults: weight gradients on a second stream, GEMM operands as TMA boxes, both"
+for assign in FASTDCGAN_WGRAD_STREAM=1 FASTDCGAN_TMA=1 "FASTDCGAN_WGRAD_STREAM=1 FASTDCGAN_TMA=1"; do
+  echo "$assign:" >>"$OUT/steps.md"
+  run 40 80 env $assign $py benches/step_table.py --batches 128,512 --steps 20 --peers none 2>&1 \
+    | tee -a "$OUT/steps.md" | tail -6
+done
 
 step "Generator inference B=512 (ours, captured, peers; torch.compile: see peers.md)"
 run 30 60 $py -m pytest -q -p no:cacheprovider benches/bench_generator.py --benchmark-only \
