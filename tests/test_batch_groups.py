@@ -76,7 +76,14 @@ def test_grouped_pass_equals_one_call_per_batch(kind, groups, materialize_act, m
     monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
     monkeypatch.setenv("FASTDCGAN_MATERIALIZE_ACT", materialize_act)
     monkeypatch.setenv("FASTDCGAN_MATERIALIZE_DY", materialize_dy)
-    chain = _randomize(_conv_chain(4) if kind == "conv" else _transposed_chain(4))
+    check_grouped_pass(kind, groups)
+
+
+def check_grouped_pass(kind, groups, width=4):
+    """A D-like ("conv") or G-like chain of channel width `width` run on `groups` batches in
+    one grouped pass equals the float64 chain run batch after batch: output, input gradient,
+    parameter gradients, running statistics and batch counts."""
+    chain = _randomize(_conv_chain(width) if kind == "conv" else _transposed_chain(width))
     ref = copy.deepcopy(chain).double()
     shape = (16 * groups, 3, 16, 16) if kind == "conv" else (16 * groups, 8, 1, 1)
     x = torch.randn(shape, requires_grad=True)

@@ -14,6 +14,7 @@ from torch import nn
 from fastdcgan import ops
 from fastdcgan.kernels import implicit_gemm as ig
 from precision import GPU_TOL, check_block, interpreter_only, make_block, needs_cuda, DEV
+from test_batch_groups import check_grouped_pass
 from test_models_triton import train_step_check
 
 pytestmark = pytest.mark.usefixtures("poison")
@@ -108,3 +109,13 @@ def test_training_pass_with_boxed_operands(tma_launches, monkeypatch):
 def test_full_size_with_boxed_operands_gpu(dtype, tol, tma_launches):
     train_step_check(nz=100, ngf=64, ndf=64, batch=32, dtype=dtype, tol=tol)
     assert sum(tma_launches) >= 9
+
+
+@interpreter_only
+@pytest.mark.parametrize("kind, groups", [("conv", 2), ("transposed", 3)])
+def test_grouped_pass_with_boxed_operands(kind, groups, tma_launches, monkeypatch):
+    """Batch groups (D's pass over real and fake): row tiles shrunk to a group's rows, boxed.
+    Width 16: channels 32 and 48, whole K blocks."""
+    monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
+    check_grouped_pass(kind, groups, width=16)
+    assert sum(tma_launches) >= 2
