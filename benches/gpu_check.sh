@@ -158,6 +158,9 @@ step "profile of Generator inference B=512 bf16 (its target: 0.4 ms)"
 run 25 50 $py benches/profile_step.py --generator --batch 512 --precision bf16 --top 10 --sequence \
   >>"$OUT/profile.md" 2>&1
 grep -A12 "^### B=512 bf16" "$OUT/profile.md" || tail -5 "$OUT/profile.md"
+echo "with FASTDCGAN_TMA=1:" | tee -a "$OUT/profile.md"
+FASTDCGAN_TMA=1 run 25 50 $py benches/profile_step.py --generator --batch 512 --precision bf16 \
+  --top 6 2>&1 | tee -a "$OUT/profile.md" | grep -A8 "^### B=512 bf16"
 
 step "D on real and fake in two passes, G beside D(real) (FASTDCGAN_JOINT_D=0)"
 echo "D in two passes, G beside D(real) (FASTDCGAN_JOINT_D=0):" >>"$OUT/steps.md"
