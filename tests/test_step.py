@@ -205,16 +205,15 @@ def test_captured_step_with_pdl_equals_uncaptured(monkeypatch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("precision, floor, min_cos", [("fp32", 2e-2, 0.99), ("bf16", 3e-2, 0.95)])
-def test_captured_step_with_a_wgrad_stream_equals_uncaptured(precision, floor, min_cos,
-                                                             monkeypatch):
-    """FASTDCGAN_WGRAD_STREAM=1 (kernels/block.py): the captured step, whose graph then has the
-    weight gradients on a branch of their own, joined before each optimizer step, agrees with
-    one-stream eager steps as closely as two of those do."""
-    eager = _run("triton", precision, captured=False)
-    again = _run("triton", precision, captured=False)
+def test_captured_step_with_a_wgrad_stream_equals_uncaptured(monkeypatch):
+    """FASTDCGAN_WGRAD_STREAM=1 (kernels/block.py): the captured bf16 step, whose graph then has
+    the weight gradients on a branch of their own, joined before each optimizer step, agrees with
+    one-stream eager steps as closely as two of those do (the streams' order does not depend on
+    the dtype; test_models_triton checks the gradients themselves in both)."""
+    eager = _run("triton", "bf16", captured=False)
+    again = _run("triton", "bf16", captured=False)
     monkeypatch.setenv("FASTDCGAN_WGRAD_STREAM", "1")
-    _assert_agrees(_run("triton", precision, captured=True), eager, again, floor, min_cos)
+    _assert_agrees(_run("triton", "bf16", captured=True), eager, again, 3e-2, 0.95)
 
 
 @needs_cuda
