@@ -4,8 +4,8 @@ ones through a [N, H/2, 2, W/2, 2C] view), against float64 PyTorch, with the fal
 pointer loads where the boxes cannot hold a tile.
 
 CPU (Triton interpreter, whose descriptor loads zero-fill out-of-bounds boxes as TMA does): the
-block ops at tiny shapes, fp32 (exact dots) and bf16, and a whole G -> D training pass. CUDA: the
-whole networks at full width in TF32 and bf16.
+block ops at tiny shapes, fp32 (exact dots) and bf16, a whole G -> D training pass and chains run
+on batch groups. CUDA: the whole networks at full width in TF32 and bf16.
 """
 import pytest
 import torch
