@@ -24,8 +24,9 @@
 #   7. with TUNE=1 (kernels/tiles.json holds the H100's bf16 tiles of session 10): GEMM tile
 #      sweep of bf16, or of TUNE_DTYPES (e.g. fp32, whose raw-feed tiles are the heuristics'),
 #      (tune.md; $OUT/tiles.json keeps the table's other entries; D's layers also at the grouped
-#      pass's doubled batch) for the feed that step 5 found faster (TUNE_FEED=prologues|raw
-#      overrides), then the step table with it
+#      pass's doubled batch) for the feed that step 5 found faster (TUNE_FEED=prologues|raw|tma
+#      overrides; tma: the boxed GEMMs' own tiles, for FASTDCGAN_TMA=1), then the step table
+#      with it
 # The Triton cache starts empty on a fresh machine: the step tables' and the sweep's kernels
 # compile in the background while the tests run (they share the on-disk cache), and are stopped
 # before the timed runs if not done by then (WARM_UNTIL s left). Logs go to $OUT (default
@@ -84,6 +85,7 @@ warm() {   # one short run of each timed configuration (step tables, layer table
   if [ -n "${TUNE:-}" ]; then
     for layer in G1 G2 G3 D1 D2 D3; do
       timeout 300 $py benches/tune_gemm.py --compile-only --layers $layer --dtypes ${TUNE_DTYPES:-bf16} \
+        --feed ${TUNE_FEED:-raw} \
         >"$warm_logs/tune_$layer.log" 2>&1 &
       echo $! >>"$warm_logs/pids"
     done
@@ -211,8 +213,9 @@ if [ -n "${TUNE:-}" ]; then
       --write "$OUT/tiles.json" >"$OUT/tune.md" 2>&1; then
     tail -60 "$OUT/tune.md"
     echo "with the tuned tiles ($feed operands):" >>"$OUT/steps.md"
-    FASTDCGAN_TILES=$OUT/tiles.json run 40 60 $py benches/step_table.py --batches 128,512 --steps 20 \
-      --peers none --feeds $([ "$feed" = raw ] && echo both || echo prologues) 2>&1 \
+    FASTDCGAN_TILES=$OUT/tiles.json FASTDCGAN_TMA=$([ "$feed" = tma ] && echo 1 || echo 0) \
+      run 40 60 $py benches/step_table.py --batches 128,512 --steps 20 --peers none \
+      --feeds $([ "$feed" = prologues ] && echo prologues || echo both) 2>&1 \
       | tee -a "$OUT/steps.md" | tail -6
   else
     tail -30 "$OUT/tune.md" 2>/dev/null

@@ -8,7 +8,9 @@ gradient (the producer's BN backward sums in the epilogue; without its own entry
 forward tile of the same geometry) and the split-K weight gradient over a few tile
 configurations, with their operands read raw (the default feed: activations and dy materialized)
 or, with --feed prologues, through the producer's BN-apply + activation / the BN + activation
-backward; it keeps the fastest when it beats the heuristic by over 3%, and compares with cuBLAS
+backward, or with --feed tma raw and loaded as TMA boxes (FASTDCGAN_TMA=1: the forward and the
+data gradient, under keys of their own); it keeps the fastest when it beats the heuristic (for
+tma: the raw feed's tile) by over 3%, and compares with cuBLAS
 running the same GEMMs on plain matrices and with cuDNN's convolution. A second table gives the
 forward GEMM's time by operand prologue (raw, BN-apply, BN-backward) against an elementwise
 materializing pass.
@@ -16,7 +18,9 @@ materializing pass.
     python benches/tune_gemm.py --compile-only --layers D2 --dtypes bf16   # fill the Triton cache
     python benches/tune_gemm.py --write tiles.json                        # time, print, write
     python benches/tune_gemm.py --feed prologues --write tiles.json   # operands through prologues
+    python benches/tune_gemm.py --feed tma --write tiles.json         # raw operands as TMA boxes
 """
+import os
 import argparse
 import inspect
 import json
@@ -85,7 +89,7 @@ def _batches(layer, batches):
     return list(batches)
 
 
-def _case(layer, batch, dtype, raw=False):
+def _case(layer, batch, dtype, raw=False, boxed=False):
     _, transposed, cin, cout, hw, stride, pad, _, _ = layer
     oh = ig.conv_out_size(transposed, stride, pad, hw)
     geom = ig.make_geom(transposed, stride, pad, hw, hw, oh, oh)
@@ -104,9 +108,9 @@ def _case(layer, batch, dtype, raw=False):
     bwd_d = ig.BwdOperand(dy, torch.randn_like(dy), cvec() + 1.0, cvec(), cvec(), cvec(), cvec(), 1, 0.0)
     prod = (x, pro.scale, pro.shift, torch.randn(cin, device="cuda") * 0.1,
             torch.rand(cin, device="cuda") + 0.5, 1, 0.0)
-    keys = {"gemm": ig.tile_key("gemm", geom, cin, cout, m_rows, dtype, raw),
+    keys = {"gemm": ig.tile_key("gemm", geom, cin, cout, m_rows, dtype, raw, boxed),
             "dgrad": ig.tile_key("dgrad", geom_d, cout, cin,
-                                 batch * geom_d.mh * geom_d.mw * geom_d.phases, dtype, raw),
+                                 batch * geom_d.mh * geom_d.mw * geom_d.phases, dtype, raw, boxed),
             "wgrad": ig.tile_key("wgrad", geom, cin, cout, m_rows, dtype, raw)}
     if raw:   # activations and dy materialized (FASTDCGAN_MATERIALIZE_ACT=1, _DY=1)
         runs = {"gemm": lambda: ig.conv_gemm(x, wp, geom, cout, stats=1),
@@ -167,14 +171,16 @@ def _run_measuring_operands(run):
                          values, args[0].element_size())
 
 
-def sweep(layer, batch, dname, compile_only, raw=False):
+def sweep(layer, batch, dname, compile_only, raw=False, boxed=False):
     """{kind: [(config or None for the heuristic, ms or error name, operand bytes)]}, cuDNN ms,
-    keys, {kind: cuBLAS ms of the same GEMMs on plain matrices}."""
-    keys, runs, cudnn, dense, prologues = _case(layer, batch, DTYPES[dname], raw)
+    keys, {kind: cuBLAS ms of the same GEMMs on plain matrices}. boxed: the GEMMs that load TMA
+    boxes (not the weight gradient), with FASTDCGAN_TMA=1 set by the caller."""
+    keys, runs, cudnn, dense, prologues = _case(layer, batch, DTYPES[dname], raw, boxed)
     table = ig.tile_table()
     results = {}
-    for kind, configs in (("gemm", FWD_CONFIGS[dname]), ("dgrad", DGRAD_CONFIGS[dname]),
-                          ("wgrad", WGRAD_CONFIGS[dname])):
+    kinds = (("gemm", FWD_CONFIGS[dname]), ("dgrad", DGRAD_CONFIGS[dname]),
+             ("wgrad", WGRAD_CONFIGS[dname]))
+    for kind, configs in kinds[:2] if boxed else kinds:
         saved = table.pop(keys[kind], None)
         rows = []
         for cfg in [None, *configs]:
@@ -207,14 +213,16 @@ def main():
     p.add_argument("--dtypes", default="bf16,fp32")
     p.add_argument("--compile-only", action="store_true", help="run each config once (fills the cache)")
     p.add_argument("--batches", default=",".join(map(str, BATCHES)))
-    p.add_argument("--feed", choices=("raw", "prologues"), default="raw",
+    p.add_argument("--feed", choices=("raw", "prologues", "tma"), default="raw",
                    help="the GEMMs' operands as the chained network feeds them by default (raw: "
-                        "activations and dy materialized) or through the producers' transforms "
-                        "(FASTDCGAN_MATERIALIZE_ACT=0 and _DY=0); raw tiles have keys of their own")
+                        "activations and dy materialized), through the producers' transforms "
+                        "(FASTDCGAN_MATERIALIZE_ACT=0 and _DY=0), or raw as TMA boxes "
+                        "(FASTDCGAN_TMA=1); raw and tma tiles have keys of their own")
     p.add_argument("--write", default=None,
                    help="write the tile table here: the winning tiles, and the current table's "
                         "entries for what this run did not sweep")
     args = p.parse_args()
+    os.environ["FASTDCGAN_TMA"] = "1" if args.feed == "tma" else "0"
     layers = [l for l in LAYERS if l[0].split()[0] in args.layers.split(",")]
     best, prologue_rows, swept = {}, [], set()
     if not args.compile_only:
@@ -226,7 +234,8 @@ def main():
         for layer in layers:
             for batch in _batches(layer, [int(b) for b in args.batches.split(",")]):
                 results, cudnn_ms, keys, dense_ms, prologue_ms = sweep(
-                    layer, batch, dname, args.compile_only, args.feed == "raw")
+                    layer, batch, dname, args.compile_only, args.feed != "prologues",
+                    args.feed == "tma")
                 swept.update(keys.values())
                 if args.compile_only:
                     continue

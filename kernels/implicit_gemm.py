@@ -827,19 +827,21 @@ def _split_rows(key):
     return f"{head} {dtype}", int(bucket)
 
 
-def tile_key(kind, geom, cin, cout, m_rows, dtype, raw=False):
+def tile_key(kind, geom, cin, cout, m_rows, dtype, raw=False, boxed=False):
     """raw: the GEMM's operands are read as stored, with no prologue transform (a materialized
     activation or dy; the weight gradient: both operands), whose main loop is leaner and may want
-    another tile, so it has keys of its own."""
+    another tile, so it has keys of its own; boxed: raw operands loaded as TMA boxes
+    (FASTDCGAN_TMA=1), keys of their own again."""
     dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
     return (f"{kind} phw{geom.phw} t{geom.t} {geom.ih}x{geom.iw}->{geom.oh}x{geom.ow} "
-            f"{cin}->{cout} rows{next_power_of_2(m_rows)} {dt}{' raw' if raw else ''}")
+            f"{cin}->{cout} rows{next_power_of_2(m_rows)} {dt}{' raw' if raw else ''}"
+            f"{' tma' if boxed else ''}")
 
 
-def _tuned_tile(kind, geom, cin, cout, m_rows, dtype, raw):
+def _tuned_tile(kind, geom, cin, cout, m_rows, dtype, raw, boxed=False):
     """The tile table's entry for this GEMM, or the one of the tuned buckets on both sides of its
     rows when they agree, or None."""
-    key = tile_key(kind, geom, cin, cout, m_rows, dtype, raw)
+    key = tile_key(kind, geom, cin, cout, m_rows, dtype, raw, boxed)
     tile = tile_table().get(key)
     if tile is not None:
         return tile
@@ -1061,10 +1063,14 @@ def _gemm_tile(geom, cin, cout, m, dtype, w_t, mode):
     operand's prologue), fitted to the kernel's register budget (PAIR: before the row tile is
     shrunk to batch groups, which may still turn it off)."""
     # a data gradient without its own tuned tile takes the forward tile of the same geometry (the
-    # other network's forward), fitted to its register budget below
+    # other network's forward), fitted to its register budget below; with TMA on, raw operands
+    # take their boxed tiles first (the TMA sweep's, tune_gemm.py --feed tma)
     raw = mode == 0
-    tuned = _tuned_tile("dgrad", geom, cin, cout, m * geom.phases, dtype, raw) if w_t else None
-    tuned = tuned or _tuned_tile("gemm", geom, cin, cout, m * geom.phases, dtype, raw)
+    tuned = None
+    for boxed in ((True, False) if raw and tma() else (False,)):
+        tuned = tuned or (_tuned_tile("dgrad", geom, cin, cout, m * geom.phases, dtype, raw, boxed)
+                          if w_t else None)
+        tuned = tuned or _tuned_tile("gemm", geom, cin, cout, m * geom.phases, dtype, raw, boxed)
     if tuned:
         bm, bn, bk, warps, stages = tuned
         aligned, cands = cin % bk == 0, [(bn, warps, stages)]

@@ -29,8 +29,8 @@ def table(monkeypatch, tmp_path):
     return install   # monkeypatch puts the real table back afterwards
 
 
-def _key(batch, raw=False, kind="gemm"):
-    return ig.tile_key(kind, GEOM, 128, 256, _rows(batch), torch.bfloat16, raw)
+def _key(batch, raw=False, kind="gemm", boxed=False):
+    return ig.tile_key(kind, GEOM, 128, 256, _rows(batch), torch.bfloat16, raw, boxed)
 
 
 def test_exact_key_and_between_tuned_batches(table):
@@ -57,3 +57,16 @@ def test_raw_operand_gemms_have_keys_of_their_own(table):
     assert ig._tuned_tile("gemm", GEOM, 128, 256, _rows(128), torch.bfloat16, True) == raw
     table({_key(128): prologue})
     assert ig._tuned_tile("gemm", GEOM, 128, 256, _rows(128), torch.bfloat16, True) is None
+
+
+def test_boxed_gemms_take_their_own_tiles_first(table, monkeypatch):
+    """With FASTDCGAN_TMA=1 a raw-operand GEMM takes the TMA sweep's tile (tune_gemm.py --feed
+    tma), else the raw feed's; without TMA the boxed tiles are never read."""
+    raw, boxed = [128, 128, 64, 8, 4], [128, 256, 64, 8, 3]
+    table({_key(128, raw=True): raw, _key(128, raw=True, boxed=True): boxed})
+    column_tile = lambda: ig._gemm_tile(GEOM, 128, 256, _rows(128), torch.bfloat16, False, 0)[4][0][0]  # noqa: E731
+    assert column_tile() == 128
+    monkeypatch.setenv("FASTDCGAN_TMA", "1")
+    assert column_tile() == 256
+    table({_key(128, raw=True): raw})
+    assert column_tile() == 128
