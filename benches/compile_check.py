@@ -97,6 +97,7 @@ def trace(batches, dtypes, pdl=False, tma=False):
     implicit_gemm._num_sms = lambda device: 132   # an H100's
     ops._check_device = lambda device: None       # CPU tensors, never launched
     pdl_module.enabled = lambda device: pdl
+    implicit_gemm.has_tma = lambda device: True   # an H100's
     original = JITFunction.run
     JITFunction.run = lambda self, *a, **k: rec.run(self, *a, **k)
     os.environ["FASTDCGAN_TMA"] = "1" if tma else "0"

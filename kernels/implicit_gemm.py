@@ -59,7 +59,7 @@ from .activations import act_grad, apply_act
 from .grid import cdiv, next_power_of_2, pow2_divisor
 from .interpreter import fix_bf16
 from .memory import new_empty
-from .pdl import grid_dependency_wait, launch_options
+from .pdl import grid_dependency_wait, launch_options, major_capability
 from .weights import k_major
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -973,8 +973,16 @@ def tap_pairs():
 def tma():
     """FASTDCGAN_TMA, 0 by default (read at each call): 1 has the forward and data-gradient GEMMs
     on raw operands load their tiles as TMA boxes (conv_gemm_kernel TMA) where the shapes allow
-    (_tma_descriptors). Off until a GPU run times it."""
+    (_tma_descriptors) and the device has TMA (has_tma). Off until a GPU run times it."""
     return os.environ.get("FASTDCGAN_TMA", "0") == "1"
+
+
+def has_tma(device):
+    """A device whose GEMMs can load TMA boxes: a CUDA GPU of compute capability 9.0 or newer, or
+    the interpreter (whose descriptor loads do what TMA does)."""
+    if INTERPRET:
+        return True
+    return device.type == "cuda" and major_capability(device) >= 9
 
 
 # a TMA box spans at most 256 elements per dimension
@@ -1157,7 +1165,7 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
         group_tiles = group_rows // bm
     pair = pair and bm % geom.mw == 0   # a row tile of whole image rows
     descriptors = None
-    if tma() and mode == 0 and not pair and aligned:
+    if tma() and mode == 0 and not pair and aligned and has_tma(dev):
         descriptors = _tma_descriptors(xin, w, geom, cin, cout, w_kmajor, bm, cands[0][0], bk)
     if descriptors:
         # the boxes are made for one BLOCK_N; a pipeline to overlap the copies with the dots

@@ -39,14 +39,18 @@ def _capability(device_index):
     return torch.cuda.get_device_capability(device_index)[0]
 
 
+def major_capability(device):
+    """The compute capability's major number of the CUDA device `device` (cached)."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def enabled(device):
     """FASTDCGAN_PDL=1 (read at call time) on a CUDA GPU of compute capability 9.0 or newer
     (griddepcontrol is sm_90 PTX). Never under the Triton interpreter."""
     if (os.environ.get("FASTDCGAN_PDL", "0") != "1"
             or os.environ.get("TRITON_INTERPRET", "0") == "1"):
         return False
-    return device.type == "cuda" and _capability(device.index if device.index is not None
-                                                 else torch.cuda.current_device()) >= 9
+    return device.type == "cuda" and major_capability(device) >= 9
 
 
 def launch_options(device):

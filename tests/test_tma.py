@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fastdcgan import ops
-from fastdcgan.kernels import implicit_gemm as ig
+from fastdcgan.kernels import implicit_gemm as ig, pdl
 from precision import GPU_TOL, check_block, interpreter_only, make_block, needs_cuda, DEV
 from test_batch_groups import check_grouped_pass
 from test_models_triton import train_step_check
@@ -119,3 +119,14 @@ def test_grouped_pass_with_boxed_operands(kind, groups, tma_launches, monkeypatc
     monkeypatch.setenv("FASTDCGAN_FP32_PRECISION", "ieee")
     check_grouped_pass(kind, groups, width=16)
     assert sum(tma_launches) >= 2
+
+
+def test_boxes_need_hopper(monkeypatch):
+    """TMA is sm_90+: on an older GPU (or the CPU outside the interpreter) FASTDCGAN_TMA=1 keeps
+    the pointer loads."""
+    monkeypatch.setattr(ig, "INTERPRET", False)
+    monkeypatch.setattr(pdl, "_capability", lambda index: 8)   # an A100
+    assert not ig.has_tma(torch.device("cuda:0"))
+    monkeypatch.setattr(pdl, "_capability", lambda index: 9)
+    assert ig.has_tma(torch.device("cuda:0"))
+    assert not ig.has_tma(torch.device("cpu"))
