@@ -20,11 +20,11 @@ materializing pass.
     python benches/tune_gemm.py --feed prologues --write tiles.json   # operands through prologues
     python benches/tune_gemm.py --feed tma --write tiles.json         # raw operands as TMA boxes
 """
-import os
 import argparse
 import inspect
 import json
 import math
+import os
 
 import torch
 import torch.nn.functional as F
