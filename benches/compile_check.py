@@ -159,7 +159,8 @@ def main_loop_sass(cubin):
         m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if m and int(m.group(1), 16) < int(a, 16) and int(m.group(1), 16) in index:
             spans.append((index[int(m.group(1), 16)], i))
-    mma = [j - k + 1 for k, j in spans if any(re.search(r"\bHG?MMA\.", t) for _, t in ins[k:j + 1])]
+    mma = [j - k + 1 for k, j in spans
+           if any(re.search(r"\bHG?MMA\.", t) for _, t in ins[k:j + 1])]
     if mma:
         return min(mma)
     return max((j - k + 1 for k, j in spans), default=0) or len(ins)
