@@ -4,9 +4,10 @@
 # measurements below, and prints a short table last, inside BUDGET seconds (default 540: one
 # device call may run 600). Every step after the tests runs only if the time it needs is left, in
 # priority order, so the summary always prints:
-#   1. GPU tests: kernels (tests_kernels.log); adam_step's argument checks alone (optim.log;
-#      they crashed on this machine before: on a crash, the C stack under (cuda-)gdb); training
-#      step, sampler, optimizer (tests_step.log)
+#   1. GPU tests: kernels (tests_kernels.log, in the background from the start); adam_step's
+#      argument checks alone once the extension is built (optim.log; they crashed on this
+#      machine before: on a crash, the C stack under (cuda-)gdb); training step, sampler,
+#      optimizer (tests_step.log)
 #   2. step table vs peers at B=128 and 512 (steps.md): D on real and fake in one grouped pass;
 #      then each fused layer vs the eager sequence it replaces (benches/layer_table.py); then our
 #      step with the weight gradients on a second stream (FASTDCGAN_WGRAD_STREAM=1), and with the
@@ -95,12 +96,16 @@ warm() {   # one short run of each timed configuration (step tables, layer table
 warm &
 warm_pid=$!
 
-step "kernel tests (parallel workers share the Triton cache)"
+step "kernel tests, in the background (parallel workers share the Triton cache)"
 [ -n "${SKIP_TESTS:-}" ] && with_tests=0 || with_tests=1
-(( with_tests )) && run 60 200 $py -m pytest -v -p no:cacheprovider -n ${WORKERS:-6} --tb=short \
-  tests/test_conv_transpose_bn_act.py tests/test_conv_bn_act.py tests/test_models_triton.py \
-  tests/test_batch_groups.py tests/test_tma.py >"$OUT/tests_kernels.log" 2>&1
-report "$OUT/tests_kernels.log"
+kernel_tests=
+if (( with_tests )); then
+  # beside the build and then the step tests: the kernel tests need no extension
+  run 60 240 $py -m pytest -v -p no:cacheprovider -n ${WORKERS:-6} --tb=short \
+    tests/test_conv_transpose_bn_act.py tests/test_conv_bn_act.py tests/test_models_triton.py \
+    tests/test_batch_groups.py tests/test_tma.py >"$OUT/tests_kernels.log" 2>&1 &
+  kernel_tests=$!
+fi
 
 step "extension, then training step / sampler / optimizer tests"
 wait $build_pid || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; }
@@ -115,10 +120,14 @@ if ! grep -q " passed" "$OUT/optim.log"; then
     -p no:cacheprovider -p no:xdist tests/test_optim.py -k op_checks_arguments 2>&1 \
     | grep -E "^#|SIG|passed|failed" | head -20
 fi
-(( with_tests )) && run 60 150 $py -m pytest -v -p no:cacheprovider -n 4 --tb=short --durations=12 \
+(( with_tests )) && run 60 180 $py -m pytest -v -p no:cacheprovider -n 4 --tb=short --durations=12 \
   tests/test_optim.py tests/test_loss.py tests/test_step.py tests/test_sampler.py tests/test_weights.py \
   tests/test_generate.py >"$OUT/tests_step.log" 2>&1
 report "$OUT/tests_step.log"
+
+step "kernel tests: their end"
+[ -n "$kernel_tests" ] && wait $kernel_tests
+report "$OUT/tests_kernels.log"
 
 step "background compiles: done, or stopped (their GPU work would disturb the timings)"
 while kill -0 $warm_pid 2>/dev/null && (( $(left) > ${WARM_UNTIL:-330} )); do sleep 2; done
