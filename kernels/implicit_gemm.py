@@ -1065,20 +1065,23 @@ def _epilogue_args(epi, prod, grad_act, stats, dummy):
     return True, epi.act, epi.slope, (epi.scale, epi.shift, dummy, dummy, dummy)
 
 
-def _gemm_tile(geom, cin, cout, m, dtype, w_t, mode):
+def _gemm_tile(geom, cin, cout, m, dtype, w_t, mode, boxed=False):
     """(BLOCK_M, BLOCK_K, ALIGNED, PAIR, [(BLOCK_N, num_warps, num_stages), ...]) of a
     conv_gemm_kernel launch with m GEMM rows per phase (w_t: a data gradient; mode: its A
-    operand's prologue), fitted to the kernel's register budget (PAIR: before the row tile is
-    shrunk to batch groups, which may still turn it off)."""
+    operand's prologue; boxed: its raw operands may load as TMA boxes), fitted to the kernel's
+    register budget (PAIR: before the row tile is shrunk to batch groups, which may still turn
+    it off)."""
     # a data gradient without its own tuned tile takes the forward tile of the same geometry (the
-    # other network's forward), fitted to its register budget below; with TMA on, raw operands
-    # take their boxed tiles first (the TMA sweep's, tune_gemm.py --feed tma)
+    # other network's forward), fitted to its register budget below; boxed operands take the TMA
+    # sweep's tiles first (tune_gemm.py --feed tma)
     raw = mode == 0
     tuned = None
-    for boxed in ((True, False) if raw and tma() else (False,)):
-        tuned = tuned or (_tuned_tile("dgrad", geom, cin, cout, m * geom.phases, dtype, raw, boxed)
-                          if w_t else None)
-        tuned = tuned or _tuned_tile("gemm", geom, cin, cout, m * geom.phases, dtype, raw, boxed)
+    for box_keys in ((True, False) if boxed else (False,)):
+        tuned = ((_tuned_tile("dgrad", geom, cin, cout, m * geom.phases, dtype, raw, box_keys)
+                  if w_t else None)
+                 or _tuned_tile("gemm", geom, cin, cout, m * geom.phases, dtype, raw, box_keys))
+        if tuned:
+            break
     if tuned:
         bm, bn, bk, warps, stages = tuned
         aligned, cands = cin % bk == 0, [(bn, warps, stages)]
@@ -1154,7 +1157,8 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
     if w_kmajor and not w_t:
         w = k_major(w)
     m = nb * geom.mh * geom.mw
-    bm, bk, aligned, pair, cands = _gemm_tile(geom, cin, cout, m, dtype, w_t, mode)
+    boxes = tma() and mode == 0 and has_tma(dev)   # TMA boxes where the tile allows them
+    bm, bk, aligned, pair, cands = _gemm_tile(geom, cin, cout, m, dtype, w_t, mode, boxes)
     group_tiles = None
     if grouped:
         group_rows = (nb // groups) * geom.mh * geom.mw
@@ -1165,7 +1169,7 @@ def conv_gemm(x, w, geom, cout, *, w_t=False, pro=None, bwd=None, store_y=True, 
         group_tiles = group_rows // bm
     pair = pair and bm % geom.mw == 0   # a row tile of whole image rows
     descriptors = None
-    if tma() and mode == 0 and not pair and aligned and has_tma(dev):
+    if boxes and not pair and aligned:
         descriptors = _tma_descriptors(xin, w, geom, cin, cout, w_kmajor, bm, cands[0][0], bk)
     if descriptors:
         # the boxes are made for one BLOCK_N; a pipeline to overlap the copies with the dots

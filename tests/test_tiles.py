@@ -59,14 +59,15 @@ def test_raw_operand_gemms_have_keys_of_their_own(table):
     assert ig._tuned_tile("gemm", GEOM, 128, 256, _rows(128), torch.bfloat16, True) is None
 
 
-def test_boxed_gemms_take_their_own_tiles_first(table, monkeypatch):
-    """With FASTDCGAN_TMA=1 a raw-operand GEMM takes the TMA sweep's tile (tune_gemm.py --feed
-    tma), else the raw feed's; without TMA the boxed tiles are never read."""
+def test_boxed_gemms_take_their_own_tiles_first(table):
+    """A raw-operand GEMM that may load TMA boxes (conv_gemm: FASTDCGAN_TMA=1 on an sm_90+
+    device) takes the TMA sweep's tile (tune_gemm.py --feed tma), else the raw feed's; without
+    boxes the boxed tiles are never read."""
     raw, boxed = [128, 128, 64, 8, 4], [128, 256, 64, 8, 3]
     table({_key(128, raw=True): raw, _key(128, raw=True, boxed=True): boxed})
-    column_tile = lambda: ig._gemm_tile(GEOM, 128, 256, _rows(128), torch.bfloat16, False, 0)[4][0][0]  # noqa: E731
-    assert column_tile() == 128
-    monkeypatch.setenv("FASTDCGAN_TMA", "1")
-    assert column_tile() == 256
+    column_tile = lambda boxes: ig._gemm_tile(  # noqa: E731
+        GEOM, 128, 256, _rows(128), torch.bfloat16, False, 0, boxes)[4][0][0]
+    assert column_tile(False) == 128
+    assert column_tile(True) == 256
     table({_key(128, raw=True): raw})
-    assert column_tile() == 128
+    assert column_tile(True) == 128
