@@ -7,9 +7,11 @@
 //       graph that captured the call replays correctly. `sync` (int32, one element, zero) lets the
 //       CUDA kernel increment `step` from its last finished block (one launch); without it CUDA
 //       uses a second tiny launch. CPU ignores it. It is left zero.
-//   bce_with_logits(logits, target) -> (loss, grad)
-//       mean binary cross-entropy of `logits` against the constant `target`, and dloss/dlogits,
-//       in one pass.
+//   bce_with_logits(logits, targets) -> (loss, grad, mean_prob)
+//       the logits split into len(targets) equal parts, part k labelled targets[k]: the sum over
+//       the parts of their mean binary cross-entropy, dloss/dlogits, and each part's mean
+//       sigmoid, in one pass (a GAN's whole D loss, [1, 0], or G loss, [1]). loss and mean_prob
+//       are fp32 (fp64 for fp64 logits), grad has the logits' dtype.
 // Implementations: CPU in adam_cpu.cpp / bce_cpu.cpp (always built); CUDA (built when setup.py
 // sees CUDA): host side in cuda/ops_cuda.cpp, kernels in cuda/*.cu. Fake (meta) implementations and autograd live in fastdcgan/_ext.py.
 #include <Python.h>
@@ -57,13 +59,26 @@ void check_adam_args(const at::Tensor& param, const at::Tensor& grad, const at::
   }
 }
 
-void check_bce_args(const at::Tensor& logits, double target) {
+BceTargets check_bce_args(const at::Tensor& logits, c10::ArrayRef<double> targets) {
   const auto t = logits.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
               message("fastdcgan::bce_with_logits: logits must be float32, float64, float16 or "
                       "bfloat16, got ", t));
   TORCH_CHECK(logits.numel() > 0, "fastdcgan::bce_with_logits: logits is empty");
-  TORCH_CHECK(std::isfinite(target), "fastdcgan::bce_with_logits: target must be finite");
+  const auto parts = static_cast<int64_t>(targets.size());
+  TORCH_CHECK(parts >= 1 && parts <= kMaxBceParts,
+              message("fastdcgan::bce_with_logits: between 1 and ", int64_t{kMaxBceParts},
+                      " targets (one per part), got ", parts));
+  TORCH_CHECK(logits.numel() % parts == 0,
+              message("fastdcgan::bce_with_logits: ", logits.numel(), " logits do not split into ",
+                      parts, " equal parts"));
+  BceTargets out{};
+  out.parts = static_cast<int>(parts);
+  for (int64_t k = 0; k < parts; ++k) {
+    TORCH_CHECK(std::isfinite(targets[k]), "fastdcgan::bce_with_logits: target must be finite");
+    out.value[k] = targets[k];
+  }
+  return out;
 }
 
 TORCH_LIBRARY(fastdcgan, m) {
@@ -74,7 +89,9 @@ TORCH_LIBRARY(fastdcgan, m) {
       "adam_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "Tensor(d!) step, float lr, float beta1, float beta2, float eps, float weight_decay, "
       "Tensor(e!)? sync=None) -> ()");
-  m.def("bce_with_logits(Tensor logits, float target) -> (Tensor loss, Tensor grad)");
+  m.def(
+      "bce_with_logits(Tensor logits, float[] targets) -> (Tensor loss, Tensor grad, "
+      "Tensor mean_prob)");
 }
 
 // adam_step is an optimizer update, never differentiated: its Autograd kernel goes straight below

@@ -73,13 +73,21 @@ FASTDCGAN_HD void adam_element(float& p, float g, float& m, float& v, const Adam
 //   loss = max(l, 0) - l * t + log1p(exp(-|l|)),  dloss/dl = sigmoid(l) - t.
 // One exp per element; never overflows (exp of a non-positive number).
 template <typename acc_t>
-FASTDCGAN_HD void bce_element(acc_t l, acc_t t, acc_t& loss, acc_t& dl) {
+FASTDCGAN_HD void bce_element(acc_t l, acc_t t, acc_t& loss, acc_t& dl, acc_t& sig) {
   const acc_t e = std::exp(-std::fabs(l));
   const acc_t r = acc_t(1) / (acc_t(1) + e);
-  const acc_t sig = l >= acc_t(0) ? r : e * r;
+  sig = l >= acc_t(0) ? r : e * r;
   loss = (l > acc_t(0) ? l : acc_t(0)) - l * t + std::log1p(e);
   dl = sig - t;
 }
+
+// bce_with_logits splits the logits into `parts` equal parts, part k labelled value[k]
+// (a GAN's D step: real then fake, 1 and 0). By value into the CUDA kernel.
+constexpr int kMaxBceParts = 8;
+struct BceTargets {
+  double value[kMaxBceParts];
+  int parts;
+};
 
 #ifndef __CUDACC__
 // Error messages, as one std::string for TORCH_CHECK (which hands a single string to c10::Error
@@ -107,6 +115,7 @@ std::string message(const Args&... args) {
 void check_adam_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                      const at::Tensor& exp_avg_sq, const at::Tensor& step,
                      const std::optional<at::Tensor>& sync);
-void check_bce_args(const at::Tensor& logits, double target);
+// Checks the arguments of bce_with_logits and returns its targets.
+BceTargets check_bce_args(const at::Tensor& logits, c10::ArrayRef<double> targets);
 
 }  // namespace fastdcgan

@@ -7,8 +7,9 @@ runs) from csrc/. Loading it registers, under torch.ops.fastdcgan:
             sync!=None) -> ()
       one torch.optim.Adam step (L2 weight decay) over flat fp32 buffers, in place; `step`
       (fp32, one element) is incremented inside the op. CPU and (when built with CUDA) CUDA.
-  bce_with_logits(logits, target) -> (loss, grad)
-      mean BCE-with-logits against a constant target and dloss/dlogits, in one pass.
+  bce_with_logits(logits, targets) -> (loss, grad, mean_prob)
+      the logits in len(targets) equal parts, part k labelled targets[k]: the sum of the parts'
+      mean BCE-with-logits (fp32), dloss/dlogits and each part's mean sigmoid (fp32), one pass.
 
 This module adds their fake (meta) implementations and the autograd formula of bce_with_logits,
 and checks that the compiled extension matches the csrc/ sources next to it (when present): a
@@ -120,25 +121,29 @@ def _register_python_parts():
         return None
 
     @torch.library.register_fake("fastdcgan::bce_with_logits")
-    def _bce_fake(logits, target):
+    def _bce_fake(logits, targets):
         torch._check(logits.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16),
                      lambda: "bce_with_logits: logits must be float32, float64, float16 or bfloat16")
-        loss = logits.new_empty(())
+        torch._check(1 <= len(targets) <= 8, lambda: "bce_with_logits: between 1 and 8 targets")
+        torch._check(logits.numel() % len(targets) == 0,
+                     lambda: "bce_with_logits: the logits do not split into equal parts")
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        loss = logits.new_empty((), dtype=acc)
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        return loss, grad
+        return loss, grad, logits.new_empty((len(targets),), dtype=acc)
 
     def _bce_setup_context(ctx, inputs, output):
-        _, grad = output
+        _, grad, mean_prob = output
         ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(grad)
-        # no zero-filled gradient for the unused (non-differentiable) second output
+        ctx.mark_non_differentiable(grad, mean_prob)
+        # no zero-filled gradients for the unused (non-differentiable) outputs
         ctx.set_materialize_grads(False)
 
-    def _bce_backward(ctx, grad_loss, _grad_grad):
+    def _bce_backward(ctx, grad_loss, _grad_grad, _grad_mean_prob):
         (grad,) = ctx.saved_tensors
         grad_logits = None
         if ctx.needs_input_grad[0] and grad_loss is not None:
-            grad_logits = grad * grad_loss
+            grad_logits = grad * grad_loss.to(grad.dtype)
         return grad_logits, None
 
     torch.library.register_autograd("fastdcgan::bce_with_logits", _bce_backward,

@@ -34,7 +34,7 @@ import warnings
 import torch
 
 from fastdcgan.kernels.weights import training_step, weights_updated
-from fastdcgan.loss import bce_with_logits
+from fastdcgan.loss import bce_with_logits_of_parts
 
 
 @contextlib.contextmanager
@@ -90,18 +90,18 @@ class GanStep:
         return fake, logits_real
 
     def _d_real_and_fake(self, real, z):
-        """(G(z), D.logits(real), D.logits(G(z).detach())): one grouped D pass with the triton
+        """(G(z), D's logits of [real; G(z).detach()]): one grouped D pass with the triton
         backend (see the module docstring), else two."""
         if self.D.uses_triton(real) and os.environ.get("FASTDCGAN_JOINT_D", "1") != "0":
             fake = self.G(z)
-            both = self.D.logits(torch.cat([real.to(fake.dtype), fake.detach()]), groups=2)
-            return (fake, *both.chunk(2))
+            return fake, self.D.logits(torch.cat([real.to(fake.dtype), fake.detach()]), groups=2)
         fake, logits_real = self._g_and_d_real(real, z)
-        return fake, logits_real, self.D.logits(fake.detach())
+        return fake, torch.cat([logits_real, self.D.logits(fake.detach())])
 
-    def _update(self, opt, loss):
+    def _update(self, opt, logits, grad):
+        """The update of `opt` from the loss gradient `grad` at `logits`."""
         opt.zero_grad()
-        loss.backward()
+        torch.autograd.backward(logits, grad)
         if self._side is not None:
             # kernels of a backward on the side stream may have written straight into .grad
             torch.cuda.current_stream(self._side.device).wait_stream(self._side)
@@ -115,22 +115,18 @@ class GanStep:
             return self._step(real, z)
 
     def _step(self, real, z):
+        # each loss, its gradient and the mean D outputs in one fused kernel (fastdcgan.loss)
         with self._autocast(real.device.type):
-            fake, logits_real, logits_fake = self._d_real_and_fake(real, z)
-        loss_d = bce_with_logits(logits_real.float(), 1.0) + bce_with_logits(logits_fake.float(), 0.0)
-        self._update(self.optD, loss_d)
+            fake, logits = self._d_real_and_fake(real, z)
+        loss_d, grad, d_out = bce_with_logits_of_parts(logits, (1.0, 0.0))
+        self._update(self.optD, logits, grad)
 
         with _frozen(self.D), self._autocast(real.device.type):
             logits_gen = self.D.logits(fake)
-        loss_g = bce_with_logits(logits_gen.float(), 1.0)
-        self._update(self.optG, loss_g)
-        return {
-            "loss_d": loss_d.detach(),
-            "loss_g": loss_g.detach(),
-            "d_x": torch.sigmoid(logits_real.detach().float()).mean(),
-            "d_g_z": torch.sigmoid(logits_fake.detach().float()).mean(),
-            "d_g_z_after": torch.sigmoid(logits_gen.detach().float()).mean(),
-        }
+        loss_g, grad, d_out_gen = bce_with_logits_of_parts(logits_gen, (1.0,))
+        self._update(self.optG, logits_gen, grad)
+        return {"loss_d": loss_d, "loss_g": loss_g, "d_x": d_out[0], "d_g_z": d_out[1],
+                "d_g_z_after": d_out_gen[0]}
 
 
 class _Latents:

@@ -1,10 +1,11 @@
-"""fastdcgan.loss.bce_with_logits (fused loss + gradient) against F.binary_cross_entropy_with_logits."""
+"""fastdcgan.loss (fused loss + gradient, and the GAN losses of several parts) against
+F.binary_cross_entropy_with_logits."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastdcgan import _ext
-from fastdcgan.loss import bce_with_logits, bce_with_logits_and_grad
+from fastdcgan.loss import bce_with_logits, bce_with_logits_and_grad, bce_with_logits_of_parts
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))]
@@ -92,6 +93,65 @@ def test_loss_and_grad_without_autograd():
     torch.testing.assert_close(grad.double(), ref_grad)
 
 
+def _parts_reference(logits, targets):
+    """Sum of each part's mean BCE, its gradient and each part's mean sigmoid, in float64."""
+    x = logits.detach().double().requires_grad_()
+    parts = x.chunk(len(targets))
+    loss = sum(F.binary_cross_entropy_with_logits(p, torch.full_like(p, t))
+               for p, t in zip(parts, targets))
+    loss.backward()
+    return loss.detach(), x.grad, torch.stack([torch.sigmoid(p.detach()).mean() for p in parts])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("targets,n", [((1.0, 0.0), 256), ((1.0, 0.0), 2), ((1.0,), 128),
+                                       ((0.9, 0.0, 1.0), 3 * 37), ((1.0, 0.0), 70_000)])
+def test_parts_match_torch(device, dtype, targets, n):
+    torch.manual_seed(1)
+    logits = (torch.randn(n, device=device) * 4).to(dtype)
+    loss, grad, mean_prob = bce_with_logits_of_parts(logits, targets)
+    ref_loss, ref_grad, ref_prob = _parts_reference(logits, targets)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.shape == () and loss.dtype == acc and mean_prob.shape == (len(targets),)
+    assert mean_prob.dtype == acc and grad.dtype == dtype and grad.shape == logits.shape
+    tol = TOL[acc]   # loss and probabilities: fp32 math on the logits as given
+    torch.testing.assert_close(loss.double(), ref_loss, **tol)
+    torch.testing.assert_close(mean_prob.double(), ref_prob, **tol)
+    torch.testing.assert_close(grad.double(), ref_grad, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_parts_gradient_drives_backward_like_the_loss(device):
+    """torch.autograd.backward(logits, grad) gives what loss.backward() of the summed losses does."""
+    torch.manual_seed(2)
+    w = torch.randn(16, device=device, requires_grad=True)
+    x = torch.randn(64, 16, device=device)
+    logits = x @ w
+    _, grad, _ = bce_with_logits_of_parts(logits, (1.0, 0.0))
+    torch.autograd.backward(logits, grad)
+    ours = w.grad.clone()
+    w.grad = None
+    real, fake = (x @ w).chunk(2)
+    (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+     + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))).backward()
+    torch.testing.assert_close(ours, w.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_parts_bad_arguments(device):
+    with pytest.raises(RuntimeError, match="7 logits do not split into 2 equal parts"):
+        bce_with_logits_of_parts(torch.randn(7, device=device), (1.0, 0.0))
+    with pytest.raises(RuntimeError, match="between 1 and 8 targets"):
+        bce_with_logits_of_parts(torch.randn(9, device=device), [1.0] * 9)
+    with pytest.raises(RuntimeError, match="between 1 and 8 targets"):
+        bce_with_logits_of_parts(torch.randn(4, device=device), [])
+    with pytest.raises(TypeError, match="constant label"):
+        bce_with_logits_of_parts(torch.randn(4, device=device), (torch.ones(()), 0.0))
+    with pytest.raises(RuntimeError, match="target must be finite"):
+        bce_with_logits_of_parts(torch.randn(4, device=device), (1.0, float("inf")))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_arguments(device):
     with pytest.raises(TypeError, match="constant label"):
@@ -111,7 +171,8 @@ def test_opcheck(device, dtype):
     _ext.load()
     op = torch.ops.fastdcgan.bce_with_logits.default
     for shape in [(128,), (4, 1, 1, 1)]:
-        torch.library.opcheck(op, (torch.randn(shape, device=device, dtype=dtype), 1.0))
+        torch.library.opcheck(op, (torch.randn(shape, device=device, dtype=dtype), [1.0]))
         torch.library.opcheck(
-            op, (torch.randn(shape, device=device, dtype=dtype, requires_grad=True), 0.0))
-    torch.library.opcheck(op, (torch.randn(8, 3, device=device).t(), 0.5))  # non-contiguous
+            op, (torch.randn(shape, device=device, dtype=dtype, requires_grad=True), [0.0]))
+        torch.library.opcheck(op, (torch.randn(shape, device=device, dtype=dtype), [1.0, 0.0]))
+    torch.library.opcheck(op, (torch.randn(8, 3, device=device).t(), [0.5, 1.0, 0.0]))  # strided

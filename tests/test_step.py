@@ -33,17 +33,21 @@ def _examples_step(netG, netD, optG, optD, real, z):
     criterion = nn.BCELoss()
     b = real.shape[0]
     netD.zero_grad()
-    err_real = criterion(netD(real), torch.full((b,), 1.0))
+    out_real = netD(real)
+    err_real = criterion(out_real, torch.full((b,), 1.0))
     err_real.backward()
     fake = netG(z)
-    err_fake = criterion(netD(fake.detach()), torch.full((b,), 0.0))
+    out_fake = netD(fake.detach())
+    err_fake = criterion(out_fake, torch.full((b,), 0.0))
     err_fake.backward()
     optD.step()
     netG.zero_grad()
-    err_g = criterion(netD(fake), torch.full((b,), 1.0))
+    out_gen = netD(fake)
+    err_g = criterion(out_gen, torch.full((b,), 1.0))
     err_g.backward()
     optG.step()
-    return err_real + err_fake, err_g
+    return {"loss_d": err_real + err_fake, "loss_g": err_g, "d_x": out_real.mean(),
+            "d_g_z": out_fake.mean(), "d_g_z_after": out_gen.mean()}
 
 
 @pytest.mark.parametrize("optimizer, steps", [("adam", 1), ("sgd", 2)])
@@ -67,9 +71,11 @@ def test_gan_step_matches_the_pytorch_examples_loop(optimizer, steps):
         real = batches.next_batch()
         z = torch.randn(8, NZ, 1, 1, generator=gen)
         stats = step(real, z)
-        loss_d, loss_g = _examples_step(Ge, De, *opts_e, real, z)
-        assert stats["loss_d"].item() == pytest.approx(loss_d.item(), rel=1e-5)
-        assert stats["loss_g"].item() == pytest.approx(loss_g.item(), rel=1e-5)
+        want = _examples_step(Ge, De, *opts_e, real, z)
+        assert stats.keys() == want.keys()
+        for k, v in want.items():   # the losses and the mean D outputs of the fused loss kernel
+            assert stats[k].dtype == torch.float32 and stats[k].shape == (), k
+            assert stats[k].item() == pytest.approx(v.item(), rel=1e-5), k
     for m, me in ((G, Ge), (D, De)):
         for (name, a), (_, b) in zip(m.state_dict().items(), me.state_dict().items()):
             if a.is_floating_point():

@@ -21,8 +21,9 @@ cudaError_t launch_adam(float* p, const float* g, float* m, float* v, int64_t n,
 
 enum class BceDtype { kFloat, kDouble, kHalf, kBFloat16 };
 
-// loss (0-d, logits' dtype) and grad (n elements) of BCE-with-logits against `target`.
-cudaError_t launch_bce(const void* logits, void* grad, void* loss, int64_t n, double target,
-                       BceDtype dtype, cudaStream_t stream);
+// BCE-with-logits of n logits in targets.parts equal parts: loss (0-d) and mean_prob
+// (targets.parts) in the opmath dtype (fp32, fp64 for double), grad (n, the logits' dtype).
+cudaError_t launch_bce(const void* logits, void* grad, void* loss, void* mean_prob, int64_t n,
+                       const BceTargets& targets, BceDtype dtype, cudaStream_t stream);
 
 }  // namespace fastdcgan

@@ -57,17 +57,20 @@ BceDtype bce_dtype(at::ScalarType t) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> bce_with_logits_cuda(const at::Tensor& logits, double target) {
-  check_bce_args(logits, target);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_with_logits_cuda(
+    const at::Tensor& logits, c10::ArrayRef<double> targets) {
+  const BceTargets parts = check_bce_args(logits, targets);
   TORCH_INTERNAL_ASSERT(logits.device().is_cuda());
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor x = logits.contiguous();
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor grad = at::empty_like(x);
-  at::Tensor loss = at::empty({}, x.options());
+  at::Tensor loss = at::empty({}, x.options().dtype(acc_type));
+  at::Tensor mean_prob = at::empty({parts.parts}, x.options().dtype(acc_type));
   C10_CUDA_CHECK(launch_bce(x.const_data_ptr(), grad.mutable_data_ptr(), loss.mutable_data_ptr(),
-                            x.numel(), target, bce_dtype(x.scalar_type()),
-                            c10::cuda::getCurrentCUDAStream()));
-  return {loss, grad};
+                            mean_prob.mutable_data_ptr(), x.numel(), parts,
+                            bce_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream()));
+  return {loss, grad, mean_prob};
 }
 
 }  // namespace
