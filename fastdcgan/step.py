@@ -64,6 +64,12 @@ class GanStep:
         self.autocast_cache = True
         self._side = None   # G's stream (see the module docstring), made on the first CUDA step
 
+    def batch_dtype(self, device):
+        """The dtype to gather the real batch in: bf16 where the networks run in bf16 (a bf16
+        step on CUDA), so the gather writes what the first layer reads; else fp32."""
+        bf16 = self.precision == "bf16" and torch.device(device).type == "cuda"
+        return torch.bfloat16 if bf16 else torch.float32
+
     def _autocast(self, device_type):
         return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16",
                               cache_enabled=self.autocast_cache)
@@ -160,7 +166,10 @@ class EagerStep:
         return idx
 
     def __call__(self):
-        return self.step(self.batches.gather(self._next_indices()), self.latents.draw())
+        return self.step(self._gather(self._next_indices()), self.latents.draw())
+
+    def _gather(self, idx):
+        return self.batches.gather(idx, self.step.batch_dtype(self.batches.data.device))
 
 
 class CapturedStep(EagerStep):
@@ -189,7 +198,7 @@ class CapturedStep(EagerStep):
         step.autocast_cache = False
 
     def _body(self):
-        return self.step(self.batches.gather(self.idx), self.latents.mine)
+        return self.step(self._gather(self.idx), self.latents.mine)
 
     def __call__(self):
         self.idx.copy_(self._next_indices())

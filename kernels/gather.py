@@ -1,6 +1,7 @@
 """The trainer's batch gather in one kernel: rows `idx` of the GPU-resident uint8 NHWC image set,
 mapped to float32 as x * scale + shift with the eager ops' two roundings (so the multiply-add
-must not be fused into an FMA), written NHWC and returned as an NCHW-shaped channels_last view:
+must not be fused into an FMA), then to the output dtype (bf16 for a bf16 step: the cast the
+network would otherwise launch), written NHWC and returned as an NCHW-shaped channels_last view:
 the layout the fused network reads as is (no permute copy) and cuDNN takes directly. Replaces
 index_select + permute/convert + mul + add.
 """
@@ -25,14 +26,15 @@ def gather_normalize_kernel(src_ptr, idx_ptr, out_ptr, IMAGE, scale, shift, BLOC
     ok = offs < IMAGE
     row = tl.load(idx_ptr + img).to(tl.int64)
     v = tl.load(src_ptr + row * IMAGE + offs, mask=ok, other=0).to(tl.float32)
-    tl.store(out_ptr + img.to(tl.int64) * IMAGE + offs, v * scale + shift, mask=ok)
+    out = v * scale + shift
+    tl.store(out_ptr + img.to(tl.int64) * IMAGE + offs, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def gather_normalize(images_u8, idx, scale, shift):
+def gather_normalize(images_u8, idx, scale, shift, dtype=torch.float32):
     """images_u8: (N, H, W, C) uint8 on the GPU; idx: (B,) int64 indices on the same device.
-    Returns (B, C, H, W) float32 images[idx] * scale + shift, channels_last."""
+    Returns (B, C, H, W) images[idx] * scale + shift (computed in fp32) in `dtype`, channels_last."""
     n, h, w, c = images_u8.shape
-    out = torch.empty(idx.numel(), h, w, c, device=images_u8.device)
+    out = torch.empty(idx.numel(), h, w, c, device=images_u8.device, dtype=dtype)
     image = h * w * c
     gather_normalize_kernel[(idx.numel(), cdiv(image, BLOCK))](
         images_u8, idx, out, image, float(scale), float(shift), BLOCK=BLOCK, enable_fp_fusion=False,

@@ -57,14 +57,11 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .activations import act_grad, apply_act
 from .grid import cdiv, next_power_of_2, pow2_divisor
-from .interpreter import fix_bf16
 from .memory import new_empty
 from .pdl import grid_dependency_wait, launch_options, major_capability
 from .weights import k_major
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-if INTERPRET:
-    fix_bf16()
 # Tile configs are chosen per layer shape: from the measured tile table (tile_table) when it has
 # the shape, else by the heuristics gemm_tiles / wgrad_tiles. FASTDCGAN_AUTOTUNE=1 lets
 # triton.autotune pick between each heuristic launch site's two candidates on the GPU (a short

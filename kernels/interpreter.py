@@ -10,7 +10,7 @@ operations get bf16 wrong (as of triton 3.9):
   even (cvt.rn.bf16.f32): every bf16 store was biased by up to one ulp (measured: half the
   values of a random tensor differ from torch's rounding).
 
-implicit_gemm applies them at import when the interpreter is on.
+The package (kernels/__init__.py) applies them at import when the interpreter is on.
 """
 import numpy as np
 import triton.language as tl

@@ -314,3 +314,7 @@ def test_gather_normalize_kernel_matches_eager(shape, batch):
     assert out.shape == (batch, shape[3], shape[1], shape[2])
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out, to_float(images.index_select(0, idx)))
+    # a bf16 step's batch: the fp32 values rounded once, as .to(torch.bfloat16) would
+    out16 = gather_normalize(images, idx, U8_TO_UNIT, -1.0, torch.bfloat16)
+    assert out16.dtype == torch.bfloat16 and out16.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out16, out.to(torch.bfloat16))

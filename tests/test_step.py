@@ -127,6 +127,22 @@ def test_triton_step_matches_the_reference_backend(monkeypatch):
     assert groups_run == [1, 2, 1] * 2   # per step: G(z), D(real, fake) grouped, D(G(z))
 
 
+def test_the_batch_is_gathered_in_the_networks_dtype():
+    """A bf16 step on CUDA gathers its real batch in bf16 (the first layer's dtype: no cast
+    launch in the step); fp32 steps, and any step on a CPU (no CPU autocast here), in fp32."""
+    G, D = _models(2, 2, "reference", "cpu")
+    for precision, device, want in [("fp32", "cuda", torch.float32), ("bf16", "cuda", torch.bfloat16),
+                                    ("bf16", "cpu", torch.float32), ("fp32", "cpu", torch.float32)]:
+        step = GanStep(G, D, None, None, precision=precision)
+        assert step.batch_dtype(torch.device(device)) == want, (precision, device)
+    batches = _batches(4, "cpu", n=8)
+    seen = []
+    step = GanStep(G, D, None, None, precision="bf16")
+    step._step = lambda real, z: seen.append(real.dtype)
+    EagerStep(step, batches, torch.Generator().manual_seed(0), NZ)()
+    assert seen == [torch.float32]
+
+
 def test_frozen_restores_requires_grad_after_an_error():
     D = Discriminator(ndf=4)
     with pytest.raises(KeyError):

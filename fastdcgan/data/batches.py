@@ -72,14 +72,15 @@ class EpochBatches:
             self.epoch, self.position = self.epoch + 1, 0
         return idx
 
-    def gather(self, idx):
-        """The float batch (B, 3, H, W) in [-1, 1] of dataset indices `idx` (a device tensor).
-        On CUDA one fused gather+normalise kernel (channels_last output), else eager ops."""
+    def gather(self, idx, dtype=torch.float32):
+        """The float batch (B, 3, H, W) in [-1, 1] of dataset indices `idx` (a device tensor), in
+        `dtype` (rounded from fp32). On CUDA one fused gather+normalise kernel (channels_last
+        output), else eager ops."""
         if self.data.is_cuda and self.data.is_contiguous():
             from fastdcgan.kernels.gather import gather_normalize
 
-            return gather_normalize(self.data, idx, U8_TO_UNIT, -1.0)
-        return to_float(self.data.index_select(0, idx))
+            return gather_normalize(self.data, idx, U8_TO_UNIT, -1.0, dtype)
+        return to_float(self.data.index_select(0, idx)).to(dtype)
 
     def next_batch(self):
         return self.gather(self.next_indices())
