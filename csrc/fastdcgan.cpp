@@ -1,12 +1,15 @@
 // fastdcgan._C: operator schemas (TORCH_LIBRARY), argument checks, and the Python module stub.
 //
 // Ops (namespace `fastdcgan`, so torch.ops.fastdcgan.<name>):
-//   adam_step(param!, grad, exp_avg!, exp_avg_sq!, step!, lr, beta1, beta2, eps, weight_decay, sync!?)
+//   adam_step(param!, grad, exp_avg!, exp_avg_sq!, step!, lr, beta1, beta2, eps, weight_decay, sync!?,
+//             param_copy!?)
 //       One torch.optim.Adam step (L2 weight decay, no amsgrad/maximize) over flat fp32 buffers,
 //       in place. `step` (fp32, one element) is read and incremented inside the op, so a CUDA
 //       graph that captured the call replays correctly. `sync` (int32, one element, zero) lets the
 //       CUDA kernel increment `step` from its last finished block (one launch); without it CUDA
-//       uses a second tiny launch. CPU ignores it. It is left zero.
+//       uses a second tiny launch. CPU ignores it. It is left zero. `param_copy` (bf16, param's
+//       size) receives the updated parameters rounded to bf16 in the same pass: a bf16 step's
+//       weights without a cast launch of their own.
 //   bce_with_logits(logits, targets) -> (loss, grad, mean_prob)
 //       the logits split into len(targets) equal parts, part k labelled targets[k]: the sum over
 //       the parts of their mean binary cross-entropy, dloss/dlogits, and each part's mean
@@ -32,7 +35,8 @@ namespace fastdcgan {
 
 void check_adam_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                      const at::Tensor& exp_avg_sq, const at::Tensor& step,
-                     const std::optional<at::Tensor>& sync) {
+                     const std::optional<at::Tensor>& sync,
+                     const std::optional<at::Tensor>& param_copy) {
   const auto n = param.numel();
   const at::Tensor* bufs[] = {&param, &grad, &exp_avg, &exp_avg_sq};
   const char* names[] = {"param", "grad", "exp_avg", "exp_avg_sq"};
@@ -56,6 +60,16 @@ void check_adam_args(const at::Tensor& param, const at::Tensor& grad, const at::
                 "fastdcgan::adam_step: sync must be an int32 tensor with one element");
     TORCH_CHECK(sync->device() == param.device(), message("fastdcgan::adam_step: sync is on ",
                 sync->device(), ", param on ", param.device()));
+  }
+  if (param_copy.has_value()) {
+    const at::Tensor& c = *param_copy;
+    TORCH_CHECK(c.scalar_type() == at::kBFloat16,
+                message("fastdcgan::adam_step: param_copy must be bfloat16, got ", c.scalar_type()));
+    TORCH_CHECK(c.is_contiguous(), "fastdcgan::adam_step: param_copy must be contiguous");
+    TORCH_CHECK(c.numel() == n, message("fastdcgan::adam_step: param_copy has ", c.numel(),
+                " elements, param has ", n));
+    TORCH_CHECK(c.device() == param.device(), message("fastdcgan::adam_step: param_copy is on ",
+                c.device(), ", param on ", param.device()));
   }
 }
 
@@ -88,7 +102,7 @@ TORCH_LIBRARY(fastdcgan, m) {
   m.def(
       "adam_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "Tensor(d!) step, float lr, float beta1, float beta2, float eps, float weight_decay, "
-      "Tensor(e!)? sync=None) -> ()");
+      "Tensor(e!)? sync=None, Tensor(f!)? param_copy=None) -> ()");
   m.def(
       "bce_with_logits(Tensor logits, float[] targets) -> (Tensor loss, Tensor grad, "
       "Tensor mean_prob)");
@@ -101,12 +115,14 @@ TORCH_LIBRARY(fastdcgan, m) {
 void adam_step_below_autograd(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
                               at::Tensor& exp_avg_sq, at::Tensor& step, double lr, double beta1,
                               double beta2, double eps, double weight_decay,
-                              const std::optional<at::Tensor>& sync) {
+                              const std::optional<at::Tensor>& sync,
+                              const std::optional<at::Tensor>& param_copy) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fastdcgan::adam_step", "")
                              .typed<decltype(adam_step_below_autograd)>();
   at::AutoDispatchBelowADInplaceOrView guard;
-  op.call(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, sync);
+  op.call(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, sync,
+          param_copy);
 }
 
 TORCH_LIBRARY_IMPL(fastdcgan, Autograd, m) { m.impl("adam_step", &adam_step_below_autograd); }

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
 
@@ -69,6 +70,15 @@ FASTDCGAN_HD void adam_element(float& p, float g, float& m, float& v, const Adam
   p = p + s.neg_step_size * m / denom;
 }
 
+// fp32 -> bf16 bit pattern, rounded to nearest even (any NaN -> 0x7fc0), as c10::BFloat16's
+// conversion does; plain integer ops, so adam_step's ISA-cloned CPU loop vectorises it.
+FASTDCGAN_HD uint16_t bf16_bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 // Numerically stable BCE with logits for one element and constant target t:
 //   loss = max(l, 0) - l * t + log1p(exp(-|l|)),  dloss/dl = sigmoid(l) - t.
 // One exp per element; never overflows (exp of a non-positive number).
@@ -114,7 +124,8 @@ std::string message(const Args&... args) {
 // Argument checks shared by the CPU and CUDA implementations.
 void check_adam_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                      const at::Tensor& exp_avg_sq, const at::Tensor& step,
-                     const std::optional<at::Tensor>& sync);
+                     const std::optional<at::Tensor>& sync,
+                     const std::optional<at::Tensor>& param_copy);
 // Checks the arguments of bce_with_logits and returns its targets.
 BceTargets check_bce_args(const at::Tensor& logits, c10::ArrayRef<double> targets);
 

@@ -4,9 +4,10 @@ fastdcgan._C is built by setup.py (`pip install --no-build-isolation -e .`, whic
 runs) from csrc/. Loading it registers, under torch.ops.fastdcgan:
 
   adam_step(param!, grad, exp_avg!, exp_avg_sq!, step!, lr, beta1, beta2, eps, weight_decay,
-            sync!=None) -> ()
+            sync!=None, param_copy!=None) -> ()
       one torch.optim.Adam step (L2 weight decay) over flat fp32 buffers, in place; `step`
-      (fp32, one element) is incremented inside the op. CPU and (when built with CUDA) CUDA.
+      (fp32, one element) is incremented inside the op; `param_copy` (bf16) receives the updated
+      parameters rounded to bf16. CPU and (when built with CUDA) CUDA.
   bce_with_logits(logits, targets) -> (loss, grad, mean_prob)
       the logits in len(targets) equal parts, part k labelled targets[k]: the sum of the parts'
       mean BCE-with-logits (fp32), dloss/dlogits and each part's mean sigmoid (fp32), one pass.
@@ -109,7 +110,14 @@ def _register_python_parts():
 
     @torch.library.register_fake("fastdcgan::adam_step")
     def _adam_step_fake(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps,
-                        weight_decay, sync=None):
+                        weight_decay, sync=None, param_copy=None):
+        if param_copy is not None:
+            torch._check(param_copy.dtype == torch.bfloat16,
+                         lambda: "adam_step: param_copy must be bfloat16")
+            torch._check(param_copy.numel() == param.numel(),
+                         lambda: "adam_step: param_copy and param differ in size")
+            torch._check(param_copy.device == param.device,
+                         lambda: "adam_step: param_copy on another device")
         for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
             torch._check(t.dtype == torch.float32, lambda: f"adam_step: {name} must be float32")
             torch._check(t.numel() == param.numel(),

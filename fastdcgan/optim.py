@@ -90,6 +90,8 @@ class _FlatGroup:
         self.exp_avg_sq = torch.zeros(off, **zeros)
         self.step = torch.zeros((), **zeros)
         self.sync = torch.zeros(1, dtype=torch.int32, device=device)  # CUDA block counter, stays 0
+        self.copy = None           # bf16 copy of `param` that step() rewrites (bf16_copies)
+        self.copy_versions = None  # the parameters' versions when `copy` was last written
         self.param_views = [self._view(self.param, i) for i in range(len(self.params))]
         self.grad_views = [self._view(self.grad, i) for i in range(len(self.params))]
         self.exp_avg_views = [self._view(self.exp_avg, i) for i in range(len(self.params))]
@@ -106,6 +108,10 @@ class _FlatGroup:
     def _view(self, buf, i):
         p = self.params[i]
         return buf.as_strided(p.shape, self.strides[i], self.offsets[i])
+
+    def versions(self):
+        """{storage offset: version counter} of the parameters (each has its own counter)."""
+        return {off: p._version for off, p in zip(self.offsets, self.params)}
 
     def state_of(self, i):
         return {"step": self.step, "exp_avg": self.exp_avg_views[i],
@@ -207,6 +213,30 @@ class FusedAdam(torch.optim.Optimizer):
         return {"param": f.param, "grad": f.grad, "exp_avg": f.exp_avg,
                 "exp_avg_sq": f.exp_avg_sq, "step": f.step}
 
+    def bf16_copies(self):
+        """[(param, copy, versions)] per group: `copy` is a bf16 copy of the group's flat
+        parameter buffer `param`, made on the first call (or when stale) and from then on
+        rewritten by every step() in its one launch; it holds the parameters' values while their
+        version counters read `versions` ({storage offset in param: version}; any in-place
+        change of a parameter moves its counter on). A bf16 training step reads its weights
+        from it instead of casting them (fastdcgan.kernels.weights.provide_copy)."""
+        for flat in self._flat:
+            if flat.copy is None:
+                flat.copy = flat.param.to(torch.bfloat16)
+                flat.copy_versions = flat.versions()
+        self.refresh_bf16_copies()
+        return [(f.param, f.copy, f.copy_versions) for f in self._flat]
+
+    def refresh_bf16_copies(self):
+        """Rewrites, in place, the bf16 copies (made by bf16_copies) of groups whose parameters
+        changed outside step(). A captured training step calls it before each replay: the graph
+        reads the copies' memory, and the contract of a captured step is that parameters may be
+        updated in place between replays."""
+        for flat in self._flat:
+            if flat.copy is not None and flat.copy_versions != flat.versions():
+                flat.copy.copy_(flat.param)
+                flat.copy_versions = flat.versions()
+
     # -- training ------------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True):
         """Zeroes every flat gradient buffer in place; gradients stay views of it.
@@ -230,11 +260,13 @@ class FusedAdam(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             op(flat.param, flat.grad, flat.exp_avg, flat.exp_avg_sq, flat.step,
                float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
-               float(group["weight_decay"]), flat.sync)
+               float(group["weight_decay"]), flat.sync, flat.copy)
             # the op writes through raw pointers: bump the parameters' version counters as an
             # in-place update does, so autograd still catches a use of stale saved weights
             for p in flat.params:
                 torch.autograd.graph.increment_version(p)
+            if flat.copy is not None:
+                flat.copy_versions = flat.versions()
         return loss
 
     # -- checkpoints ---------------------------------------------------------------------------

@@ -11,9 +11,10 @@ During the G update D's parameters are frozen: backward then skips D's weight gr
 the pytorch/examples loop computes and throws away (optD.zero_grad() clears them before D's next
 update), so the updated parameters are the same with five fewer weight-gradient GEMMs per step.
 
-The step runs in fastdcgan.kernels.weights.training_step(): with the triton backend each weight
-is cast (bf16) once per update instead of once per use, and the kernels accumulate the gradients
-straight into the optimizers' gradient buffers.
+The step runs in fastdcgan.kernels.weights.training_step(): with the triton backend the kernels
+accumulate the gradients straight into the optimizers' gradient buffers, and a bf16 step reads
+its bf16 weights from the copies FusedAdam writes in its update launch (FusedAdam.bf16_copies):
+no cast launch per update (other optimizers: one cast per update, not one per use).
 
 With the triton backend D scores the real and the fake batch in ONE fused pass over
 cat(real, fake) with per-batch BatchNorm statistics (Discriminator.logits(x, groups=2): the same
@@ -33,8 +34,9 @@ import warnings
 
 import torch
 
-from fastdcgan.kernels.weights import training_step, weights_updated
+from fastdcgan.kernels.weights import provide_copy, training_step, weights_updated
 from fastdcgan.loss import bce_with_logits_of_parts
+from fastdcgan.optim import FusedAdam
 
 
 @contextlib.contextmanager
@@ -104,7 +106,21 @@ class GanStep:
         fake, logits_real = self._g_and_d_real(real, z)
         return fake, torch.cat([logits_real, self.D.logits(fake.detach())])
 
-    def _update(self, opt, logits, grad):
+    def _copying(self, real):
+        """The FusedAdams whose bf16 parameter copies the step's kernels read (a bf16 step of
+        triton networks on CUDA)."""
+        if self.batch_dtype(real.device) != torch.bfloat16:
+            return []
+        return [opt for net, opt in ((self.G, self.optG), (self.D, self.optD))
+                if isinstance(opt, FusedAdam) and net.uses_triton(real)]
+
+    @staticmethod
+    def _provide_copies(copying):
+        for opt in copying:
+            for source, copy, versions in opt.bf16_copies():
+                provide_copy(source, copy, versions)
+
+    def _update(self, opt, logits, grad, copying):
         """The update of `opt` from the loss gradient `grad` at `logits`."""
         opt.zero_grad()
         torch.autograd.backward(logits, grad)
@@ -115,22 +131,25 @@ class GanStep:
             self.grad_sync(opt)
         opt.step()
         weights_updated()
+        self._provide_copies(copying)
 
     def __call__(self, real, z):
         with training_step():
             return self._step(real, z)
 
     def _step(self, real, z):
+        copying = self._copying(real)
+        self._provide_copies(copying)
         # each loss, its gradient and the mean D outputs in one fused kernel (fastdcgan.loss)
         with self._autocast(real.device.type):
             fake, logits = self._d_real_and_fake(real, z)
         loss_d, grad, d_out = bce_with_logits_of_parts(logits, (1.0, 0.0))
-        self._update(self.optD, logits, grad)
+        self._update(self.optD, logits, grad, copying)
 
         with _frozen(self.D), self._autocast(real.device.type):
             logits_gen = self.D.logits(fake)
         loss_g, grad, d_out_gen = bce_with_logits_of_parts(logits_gen, (1.0,))
-        self._update(self.optG, logits_gen, grad)
+        self._update(self.optG, logits_gen, grad, copying)
         return {"loss_d": loss_d, "loss_g": loss_g, "d_x": d_out[0], "d_g_z": d_out[1],
                 "d_g_z_after": d_out_gen[0]}
 
@@ -182,8 +201,9 @@ class CapturedStep(EagerStep):
     them before the next call.
 
     The graph keeps what it was captured with: parameters, optimizer buffers and BN statistics
-    must be updated in place (load_state_dict does), and optimizer hyperparameters are frozen
-    (FusedAdam reads lr and betas on the host at capture).
+    must be updated in place (load_state_dict does; the bf16 weight copies of a bf16 step follow
+    such changes before the next replay), and optimizer hyperparameters are frozen (FusedAdam
+    reads lr and betas on the host at capture).
     """
 
     def __init__(self, step: GanStep, batches, noise, nz, *, rank=0, world_size=1, warmup=3):
@@ -215,6 +235,9 @@ class CapturedStep(EagerStep):
             return self.outputs
         if self.graph is None:
             self.graph = self._capture()
+        for opt in (self.step.optG, self.step.optD):   # parameters changed since the last step
+            if isinstance(opt, FusedAdam):
+                opt.refresh_bf16_copies()
         self.graph.replay()
         return self.outputs
 

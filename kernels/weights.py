@@ -12,7 +12,9 @@ weight in any other layout (a user's tensor given to fastdcgan.ops) costs one co
   * reduced-precision copies of the weights (bf16 under autocast) are made once and reused by
     every pass of the step until the weights change (a new version counter, or
     `weights_updated()`, which GanStep calls after each optimizer step); weights sharing one
-    storage (FusedAdam's flat buffer) are cast together in one launch;
+    storage (FusedAdam's flat buffer) are cast together in one launch, or not at all where
+    `provide_copy` handed over a current copy of that storage (FusedAdam writes one in its
+    update launch);
   * the kernels accumulate weight and BN-parameter gradients straight into the parameters'
     existing fp32 `.grad` tensors (gradient-accumulation fusion, as in Megatron-LM) and autograd
     receives None for them: no zero-filled gradient buffer, no AccumulateGrad addition. This is
@@ -55,6 +57,7 @@ def use_kernel_layout(module):
 class _StepScope:
     def __init__(self):
         self.casts = {}
+        self.copies = []   # (source, copy, source version) from provide_copy
 
 
 _scope = None
@@ -72,9 +75,35 @@ def training_step():
 
 
 def weights_updated():
-    """Drops the step's weight casts: call after an optimizer step inside training_step()."""
+    """Drops the step's weight casts and copies: call after an optimizer step inside
+    training_step()."""
     if _scope is not None:
         _scope.casts.clear()
+        _scope.copies.clear()
+
+
+def provide_copy(source, copy, versions):
+    """Inside training_step(): `copy` (contiguous, source's size) holds the values of the
+    contiguous tensor `source` in copy.dtype, for the tensors lying in source at the storage
+    offsets of `versions` ({offset: version counter}) as long as their version counters read
+    so. kernel_weights then returns views of `copy` for such weights instead of casting them.
+    Outside the scope: nothing."""
+    if _scope is not None:
+        _scope.copies.append((source, copy, versions))
+
+
+def _provided(views, lo, hi, dtype):
+    """Views of a provided copy for `views` (contiguous, sharing one storage, covering storage
+    elements lo..hi), or None."""
+    storage = views[0].untyped_storage().data_ptr()
+    for src, copy, versions in _scope.copies if _scope is not None else ():
+        start = src.storage_offset()
+        if (copy.dtype == dtype and src.untyped_storage().data_ptr() == storage
+                and start <= lo and hi <= start + src.numel()
+                and all(versions.get(v.storage_offset()) == v._version for v in views)):
+            return [copy.as_strided(v.shape, v.stride(), copy.storage_offset() + v.storage_offset()
+                                    - start) for v in views]
+    return None
 
 
 def _step_cached(key, make):
@@ -109,6 +138,9 @@ def kernel_weights(weights, transposed, dtype):
     if shared:
         lo = min(v.storage_offset() for v in views)
         hi = max(v.storage_offset() + v.numel() for v in views)
+        provided = _provided(views, lo, hi, dtype)
+        if provided is not None:
+            return provided
         key = (storage, lo, hi, dtype, tuple(v._version for v in views))
         flat = _step_cached(key, lambda: views[0].as_strided((hi - lo,), (1,), lo).to(dtype))
         return [flat.as_strided(v.shape, v.stride(), v.storage_offset() - lo) for v in views]

@@ -343,6 +343,41 @@ def test_adam_step_op_vs_float64(device, n, sync, offset):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [3, 1023, 70_001])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_adam_step_writes_the_bf16_copy(device, n, offset):
+    """param_copy gets the updated parameters rounded to nearest even, bit for bit what
+    .to(torch.bfloat16) gives (NaN: a NaN), on the vector and scalar paths (offset 1:
+    misaligned), including values halfway between two bf16 numbers, infinities and NaN; the
+    update itself is unchanged."""
+    args = list(_op_args(n + offset, device))
+    for i in range(4):
+        args[i] = args[i][offset:]
+    plain = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    # with lr 0 the parameters stay as set: ties (bf16 ulp halves), +-inf and NaN included
+    args[5] = plain[5] = 0.0
+    args[9] = plain[9] = 0.0
+    special = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), float("inf"),
+                            float("-inf"), float("nan"), 3e38, -0.0], device=device)
+    k = min(n, special.numel())
+    args[0][:k] = special[:k]
+    plain[0][:k] = special[:k]
+    copy = torch.full((n,), 7.0, dtype=torch.bfloat16, device=device)
+    _ext.ops().adam_step(*args, param_copy=copy)
+    _ext.ops().adam_step(*plain)
+    assert torch.equal(args[0].nan_to_num(), plain[0].nan_to_num())
+    want = args[0].to(torch.bfloat16)
+    nan = want.isnan()
+    assert torch.equal(copy.isnan(), nan) and nan.sum() == (n >= 6)
+    assert torch.equal(copy[~nan].view(torch.int16), want[~nan].view(torch.int16))
+    # and a real update (lr, weight decay) writes the new parameters
+    args = list(_op_args(n, device))
+    copy = torch.empty(n, dtype=torch.bfloat16, device=device)
+    _ext.ops().adam_step(*args, param_copy=copy)
+    assert torch.equal(copy.view(torch.int16), args[0].to(torch.bfloat16).view(torch.int16))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_adam_step_op_checks_arguments(device):
     p, g, m, v, step, *rest = _op_args(8, device)
     adam = _ext.ops().adam_step
@@ -354,12 +389,19 @@ def test_adam_step_op_checks_arguments(device):
         adam(p, torch.randn(16, device=device)[::2], m, v, step, *rest)
     with pytest.raises(RuntimeError, match="step must be a float32"):
         adam(p, g, m, v, step.long(), *rest)
+    with pytest.raises(RuntimeError, match="param_copy must be bfloat16, got Half"):
+        adam(p, g, m, v, step, *rest, param_copy=torch.empty(8, dtype=torch.half, device=device))
+    with pytest.raises(RuntimeError, match="param_copy has 7 elements, param has 8"):
+        adam(p, g, m, v, step, *rest, param_copy=torch.empty(7, dtype=torch.bfloat16, device=device))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sync", [True, False])
 def test_adam_step_opcheck(device, sync):
     torch.library.opcheck(torch.ops.fastdcgan.adam_step.default, _op_args(1000, device, sync))
+    copy = torch.empty(1000, dtype=torch.bfloat16, device=device)
+    torch.library.opcheck(torch.ops.fastdcgan.adam_step.default, _op_args(1000, device, sync),
+                          {"param_copy": copy})
 
 
 def test_extension_is_built_from_these_sources(tmp_path):

@@ -171,12 +171,25 @@ def _params(step):
     return [p.detach().clone() for p in (*step.G.parameters(), *step.D.parameters())]
 
 
-def _run(backend, precision, captured, steps=5):
-    """Per-step statistics and each network's total parameter update over `steps` steps."""
+def _perturb(step):
+    """The same in-place change of every parameter in each run (as a load_state_dict would)."""
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    with torch.no_grad():
+        for p in (*step.G.parameters(), *step.D.parameters()):
+            p.add_(torch.randn(p.shape, device="cuda", generator=gen), alpha=0.05)
+
+
+def _run(backend, precision, captured, steps=5, perturb_after=None):
+    """Per-step statistics and each network's total parameter update over `steps` steps
+    (perturb_after: the parameters are changed in place after that many steps)."""
     step, batches, noise = _setup(backend, precision)
     start = _params(step)
     runner = CapturedStep(step, batches, noise, NZ, warmup=2) if captured else EagerStep(step, batches, noise, NZ)
-    stats = [{k: v.clone() for k, v in runner().items()} for _ in range(steps)]
+    stats = []
+    for i in range(steps):
+        if i == perturb_after:
+            _perturb(step)
+        stats.append({k: v.clone() for k, v in runner().items()})
     if captured:
         assert runner.graph is not None
     update = torch.cat([(a - b).flatten() for a, b in zip(_params(step), start)]).double()
@@ -198,6 +211,27 @@ def _assert_agrees(ours, eager, again, floor, min_cos):
 
 
 @needs_cuda
+def test_a_bf16_step_reads_its_weights_from_fused_adams_copies(monkeypatch):
+    """A bf16 triton step casts no weights: each pass's bf16 kernel weights are views of the
+    copies FusedAdam writes in its update launch, equal to the fp32 weights rounded to bf16."""
+    from fastdcgan.kernels import weights
+
+    found, provided = [], weights._provided
+
+    def recording(views, lo, hi, dtype):
+        out = provided(views, lo, hi, dtype)
+        found.append(out is not None and all(torch.equal(o, v.to(dtype)) for o, v in zip(out, views)))
+        return out
+
+    monkeypatch.setattr(weights, "_provided", recording)
+    step, batches, noise = _setup("triton", "bf16")
+    runner = EagerStep(step, batches, noise, NZ)
+    for _ in range(3):
+        runner()
+    assert found == [True] * 9   # per step: G(z), D(real, fake), D(G(z))
+
+
+@needs_cuda
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("precision, floor, min_cos", [("fp32", 2e-2, 0.99), ("bf16", 3e-2, 0.95)])
 def test_captured_step_equals_uncaptured(backend, precision, floor, min_cos):
@@ -211,6 +245,16 @@ def test_captured_step_equals_uncaptured(backend, precision, floor, min_cos):
     eager = _run(backend, precision, captured=False)
     again = _run(backend, precision, captured=False)
     _assert_agrees(_run(backend, precision, captured=True), eager, again, floor, min_cos)
+
+
+@needs_cuda
+def test_a_captured_bf16_step_follows_parameters_changed_between_replays():
+    """Parameters changed in place between replays (3 steps, then a change, then 2 more) reach
+    the graph's bf16 weight copies before the next replay: the captured run agrees with eager
+    runs that make the same change."""
+    eager = _run("triton", "bf16", captured=False, perturb_after=3)
+    again = _run("triton", "bf16", captured=False, perturb_after=3)
+    _assert_agrees(_run("triton", "bf16", captured=True, perturb_after=3), eager, again, 3e-2, 0.95)
 
 
 @needs_cuda

@@ -131,6 +131,53 @@ def test_an_optimizer_step_alone_invalidates_the_cast():
         assert not torch.equal(after[2], before[2])
 
 
+def test_fused_adams_bf16_copies_replace_the_casts():
+    """FusedAdam.bf16_copies handed to provide_copy: inside a step kernel_weights returns views
+    of the copy (no cast), the copy follows every optimizer step (written by the adam_step op
+    itself), and a copy left stale by an in-place change outside step() is not used."""
+    torch.manual_seed(0)
+    d = Discriminator(ndf=4, backend="triton")
+    opt = FusedAdam(d.parameters(), lr=1e-2)
+    convs = [m.weight for m in d.main if isinstance(m, nn.Conv2d)]
+    flags = [False] * len(convs)
+    ((param, copy, versions),) = opt.bf16_copies()
+    for _ in range(2):
+        with weights.training_step():
+            weights.provide_copy(param, copy, versions)
+            with _CountOps() as count:
+                wks = weights.kernel_weights(convs, flags, torch.bfloat16)
+            assert _copies(count) == 0
+            for w, wk in zip(convs, wks):
+                assert wk.untyped_storage().data_ptr() == copy.untyped_storage().data_ptr()
+                assert torch.equal(wk, weights.kernel_view(w, False).to(torch.bfloat16))
+            for p in d.parameters():
+                p.grad.normal_()
+            opt.step()
+            weights.weights_updated()
+            # the step rewrote the copy in place, and says so with the new version
+            ((param, again, versions),) = opt.bf16_copies()
+            assert again is copy and versions == {p.storage_offset(): p._version
+                                                   for p in d.parameters()}
+            assert torch.equal(copy.view(torch.int16), param.to(torch.bfloat16).view(torch.int16))
+    with weights.training_step():
+        weights.provide_copy(param, copy, versions)
+        with torch.no_grad():
+            convs[1].mul_(2)   # not through the optimizer: the copy is stale
+        with _CountOps() as count:
+            wks = weights.kernel_weights(convs, flags, torch.bfloat16)
+        assert _copies(count) == 1
+        assert wks[1].untyped_storage().data_ptr() != copy.untyped_storage().data_ptr()
+        assert torch.equal(wks[1], weights.kernel_view(convs[1], False).to(torch.bfloat16))
+    opt.refresh_bf16_copies()   # rewritten in place (a captured step's graph reads that memory)
+    ((_, fresh, versions),) = opt.bf16_copies()
+    assert fresh is copy and versions[convs[1].storage_offset()] == convs[1]._version
+    assert torch.equal(fresh, param.to(torch.bfloat16))
+    weights.provide_copy(param, fresh, versions)   # outside a step: nothing is kept
+    with _CountOps() as count:
+        weights.kernel_weights(convs, flags, torch.bfloat16)
+    assert _copies(count) == 1
+
+
 @pytest.mark.parametrize("transposed", [False, True])
 def test_k_major_is_cout_cin_innermost_and_cached_until_the_weight_changes(transposed):
     """The fp32 forward GEMMs' weight (TF32 wgmma reads B K-major): [kh, kw, c_out, c_in]."""

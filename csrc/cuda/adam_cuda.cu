@@ -1,5 +1,6 @@
 // CUDA kernel of fastdcgan::adam_step: the whole update of one network is ONE kernel launch over
-// its flat buffers (grid-stride, float4 loads when the buffers are 16-byte aligned, scalar tail).
+// its flat buffers (grid-stride, float4 loads when the buffers are 16-byte aligned, scalar tail),
+// writing the bf16 copy of the parameters too when asked.
 // The step count is read in the kernel and incremented by the last block to finish
 // (block-completion counter in `sync`), so nothing is read on the host and a CUDA graph that
 // captured the call replays correctly. Host side (checks, stream, grid size): ops_cuda.cpp.
@@ -21,11 +22,12 @@ __device__ __forceinline__ void adam_float4(float4& p, const float4& g, float4& 
   adam_element<kWeightDecay>(p.w, g.w, m.w, v.w, s);
 }
 
-template <bool kWeightDecay, bool kVec4>
+// kCopy: also write the updated parameters to c as bf16 bit patterns (the step's bf16 weights).
+template <bool kWeightDecay, bool kVec4, bool kCopy>
 __global__ void __launch_bounds__(kThreads)
     adam_kernel(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
-                float* __restrict__ v, int64_t n, float* __restrict__ step,
-                unsigned int* __restrict__ sync, AdamHyper h) {
+                float* __restrict__ v, uint16_t* __restrict__ c, int64_t n,
+                float* __restrict__ step, unsigned int* __restrict__ sync, AdamHyper h) {
   __shared__ AdamScalars s_shared;
   __shared__ float t_shared;
   if (threadIdx.x == 0) {
@@ -51,6 +53,10 @@ __global__ void __launch_bounds__(kThreads)
       p4[i] = pi;
       m4[i] = mi;
       v4[i] = vi;
+      if (kCopy)
+        reinterpret_cast<uint2*>(c)[i] =
+            make_uint2(bf16_bits(pi.x) | (static_cast<uint32_t>(bf16_bits(pi.y)) << 16),
+                       bf16_bits(pi.z) | (static_cast<uint32_t>(bf16_bits(pi.w)) << 16));
     }
     tail_start = n4 * 4;
   }
@@ -60,6 +66,7 @@ __global__ void __launch_bounds__(kThreads)
     p[i] = pi;
     m[i] = mi;
     v[i] = vi;
+    if (kCopy) c[i] = bf16_bits(pi);
   }
   if (sync != nullptr) {  // uniform over the grid
     __syncthreads();
@@ -77,31 +84,44 @@ __global__ void __launch_bounds__(kThreads)
 
 __global__ void increment_step_kernel(float* step) { *step += 1.0f; }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+bool aligned(const void* ptr, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
+template <bool kWeightDecay, bool kVec4>
+void launch_copying(float* p, const float* g, float* m, float* v, uint16_t* c, int64_t n,
+                    float* step, unsigned int* sync, const AdamHyper& h, int blocks,
+                    cudaStream_t stream) {
+  if (c != nullptr)
+    adam_kernel<kWeightDecay, kVec4, true><<<blocks, kThreads, 0, stream>>>(p, g, m, v, c, n, step, sync, h);
+  else
+    adam_kernel<kWeightDecay, kVec4, false><<<blocks, kThreads, 0, stream>>>(p, g, m, v, c, n, step, sync, h);
+}
 
 // Enough blocks to cover the buffer, at most a full wave (2048 threads per SM).
 template <bool kWeightDecay>
-void launch_typed(float* p, const float* g, float* m, float* v, int64_t n, float* step,
-                  unsigned int* sync, const AdamHyper& h, int sms, cudaStream_t stream) {
-  const bool vec4 = aligned16(p) && aligned16(g) && aligned16(m) && aligned16(v);
+void launch_typed(float* p, const float* g, float* m, float* v, uint16_t* c, int64_t n,
+                  float* step, unsigned int* sync, const AdamHyper& h, int sms,
+                  cudaStream_t stream) {
+  const bool vec4 = aligned(p, 16) && aligned(g, 16) && aligned(m, 16) && aligned(v, 16) &&
+                    (c == nullptr || aligned(c, 8));
   const int64_t work = vec4 ? (n + 3) / 4 : n;
   const int64_t max_blocks = static_cast<int64_t>(sms) * (2048 / kThreads);
   const int blocks = static_cast<int>(
       std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, max_blocks)));
   if (vec4)
-    adam_kernel<kWeightDecay, true><<<blocks, kThreads, 0, stream>>>(p, g, m, v, n, step, sync, h);
+    launch_copying<kWeightDecay, true>(p, g, m, v, c, n, step, sync, h, blocks, stream);
   else
-    adam_kernel<kWeightDecay, false><<<blocks, kThreads, 0, stream>>>(p, g, m, v, n, step, sync, h);
+    launch_copying<kWeightDecay, false>(p, g, m, v, c, n, step, sync, h, blocks, stream);
 }
 
 }  // namespace
 
-cudaError_t launch_adam(float* p, const float* g, float* m, float* v, int64_t n, float* step,
-                        unsigned int* sync, const AdamHyper& h, int sms, cudaStream_t stream) {
+cudaError_t launch_adam(float* p, const float* g, float* m, float* v, uint16_t* copy, int64_t n,
+                        float* step, unsigned int* sync, const AdamHyper& h, int sms,
+                        cudaStream_t stream) {
   if (h.weight_decay != 0.0)
-    launch_typed<true>(p, g, m, v, n, step, sync, h, sms, stream);
+    launch_typed<true>(p, g, m, v, copy, n, step, sync, h, sms, stream);
   else
-    launch_typed<false>(p, g, m, v, n, step, sync, h, sms, stream);
+    launch_typed<false>(p, g, m, v, copy, n, step, sync, h, sms, stream);
   cudaError_t err = cudaGetLastError();
   if (err == cudaSuccess && sync == nullptr) {
     increment_step_kernel<<<1, 1, 0, stream>>>(step);

@@ -14,10 +14,11 @@
 namespace fastdcgan {
 
 // One launch over the whole flat buffer (grid-stride, at most one wave of the device's `sms`
-// multiprocessors); `sync` (nullable) lets the last block increment *step, else a second
-// one-thread launch does.
-cudaError_t launch_adam(float* p, const float* g, float* m, float* v, int64_t n, float* step,
-                        unsigned int* sync, const AdamHyper& h, int sms, cudaStream_t stream);
+// multiprocessors); `copy` (nullable) receives the updated parameters as bf16 bit patterns;
+// `sync` (nullable) lets the last block increment *step, else a second one-thread launch does.
+cudaError_t launch_adam(float* p, const float* g, float* m, float* v, uint16_t* copy, int64_t n,
+                        float* step, unsigned int* sync, const AdamHyper& h, int sms,
+                        cudaStream_t stream);
 
 enum class BceDtype { kFloat, kDouble, kHalf, kBFloat16 };
 

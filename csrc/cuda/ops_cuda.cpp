@@ -33,14 +33,19 @@ int multiprocessor_count(int device) {
 void adam_step_cuda(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
                     at::Tensor& exp_avg_sq, at::Tensor& step, double lr, double beta1,
                     double beta2, double eps, double weight_decay,
-                    const std::optional<at::Tensor>& sync) {
-  check_adam_args(param, grad, exp_avg, exp_avg_sq, step, sync);
+                    const std::optional<at::Tensor>& sync,
+                    const std::optional<at::Tensor>& param_copy) {
+  check_adam_args(param, grad, exp_avg, exp_avg_sq, step, sync, param_copy);
   TORCH_INTERNAL_ASSERT(param.device().is_cuda());
   const c10::cuda::CUDAGuard guard(param.device());
   unsigned int* sync_ptr =
       sync.has_value() ? reinterpret_cast<unsigned int*>(sync->data_ptr<int32_t>()) : nullptr;
+  uint16_t* copy_ptr =
+      param_copy.has_value()
+          ? reinterpret_cast<uint16_t*>(param_copy->mutable_data_ptr<at::BFloat16>())
+          : nullptr;
   C10_CUDA_CHECK(launch_adam(param.data_ptr<float>(), grad.data_ptr<float>(),
-                             exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(),
+                             exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(), copy_ptr,
                              param.numel(), step.data_ptr<float>(), sync_ptr,
                              AdamHyper{lr, beta1, beta2, eps, weight_decay},
                              multiprocessor_count(param.get_device()),
