@@ -86,13 +86,58 @@ def test_gan_step_matches_the_pytorch_examples_loop(optimizer, steps):
     assert all(p.requires_grad for p in D.parameters())
 
 
+# ops that only make or reshape tensor metadata (no kernel on a GPU)
+_NO_KERNEL = {"aten.empty", "aten.empty_strided", "aten.as_strided", "aten.permute", "aten.view",
+              "aten.detach", "aten.transpose", "aten.slice", "aten.select", "aten.split",
+              "aten.alias", "aten._unsafe_view", "aten.t", "aten.expand", "aten.unsqueeze",
+              "aten.squeeze", "aten.new_empty", "aten.new_empty_strided", "aten.set_",
+              "profiler._record_function_enter_new", "profiler._record_function_exit"}
+
+
+def _kernel_ops(fn):
+    """fn()'s result and the ops it ran that launch a kernel on a GPU, by name (the Triton
+    interpreter's own tensor work inside a kernel launch left out)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.interpreter import InterpretedFunction
+
+    ops, inside, run = {}, [], InterpretedFunction.run
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            if not inside and name not in _NO_KERNEL:
+                ops[name] = ops.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    def launch(self, *args, **kwargs):
+        inside.append(1)
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    InterpretedFunction.run = launch
+    try:
+        with Count():
+            out = fn()
+    finally:
+        InterpretedFunction.run = run
+    return out, ops
+
+
 @interpreter_only
 def test_triton_step_matches_the_reference_backend(monkeypatch):
     """GanStep with the triton backend (interpreter: weights read in place in kernel layout, D
     scoring real and fake in one grouped pass, D's gradients accumulated by the kernels into
     FusedAdam's buffers, BN counters bumped by the finalize kernel) against the reference backend
     from the same weights and batches, over two steps: losses, every gradient, the updated
-    parameters and BN buffers. Batch 16: the smallest whose D pass groups (16 images a group)."""
+    parameters and BN buffers. Batch 16: the smallest whose D pass groups (16 images a group).
+
+    The second step also counts what it launches besides the Triton kernels: only the two fused
+    losses (each giving its loss, gradient and mean D outputs), the two Adam updates and the two
+    gradient zeroings, the cat of D's [real; fake] input, and the K-major fp32 weight copies the
+    TF32 forward GEMMs read (one per conv and D/G pass: 4 + 4 + 4). A new aten kernel in the
+    step (glue around the losses, a cast, a layout copy) shows up there."""
     from fastdcgan.kernels import network
 
     groups_run, run_network = [], network.run_network
@@ -110,10 +155,15 @@ def test_triton_step_matches_the_reference_backend(monkeypatch):
     ref = GanStep(Gr, Dr, FusedAdam(Gr.parameters()), FusedAdam(Dr.parameters()))
     batches = _batches(16, "cpu", n=64)
     gen = torch.Generator().manual_seed(1)
-    for _ in range(2):
-        real = batches.next_batch()
+    for i in range(2):
+        # channels_last, as the GPU's gather gives it (no NHWC copy at D's input)
+        real = batches.next_batch().contiguous(memory_format=torch.channels_last)
         z = torch.randn(16, NZ, 1, 1, generator=gen)
-        stats, stats_ref = ours(real, z), ref(real, z)
+        stats, ops = _kernel_ops(lambda: ours(real, z))
+        stats_ref = ref(real, z)
+        if i == 1:
+            assert ops == {"fastdcgan.bce_with_logits": 2, "fastdcgan.adam_step": 2,
+                           "aten.zero_": 2, "aten.cat": 1, "aten.clone": 12}
         for k in stats:
             assert rel_err(stats[k], stats_ref[k]) < 1e-5, k
         # after the step: G's grads are loss_g's, D's loss_d's (D is frozen for the G update)
