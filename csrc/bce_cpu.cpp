@@ -49,7 +49,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_with_logits_cpu(
           },
           [](BceSums a, BceSums b) { return BceSums{a.loss + b.loss, a.prob + b.prob}; });
       total += sums.loss / static_cast<double>(part_size);
-      mean_prob.data_ptr<acc_t>()[k] = static_cast<acc_t>(sums.prob / static_cast<double>(part_size));
+      mean_prob.data_ptr<acc_t>()[k] =
+          static_cast<acc_t>(sums.prob / static_cast<double>(part_size));
     }
     *loss.data_ptr<acc_t>() = static_cast<acc_t>(total);
   });

@@ -1,8 +1,8 @@
 // fastdcgan._C: operator schemas (TORCH_LIBRARY), argument checks, and the Python module stub.
 //
 // Ops (namespace `fastdcgan`, so torch.ops.fastdcgan.<name>):
-//   adam_step(param!, grad, exp_avg!, exp_avg_sq!, step!, lr, beta1, beta2, eps, weight_decay, sync!?,
-//             param_copy!?)
+//   adam_step(param!, grad, exp_avg!, exp_avg_sq!, step!, lr, beta1, beta2, eps, weight_decay,
+//             sync!?, param_copy!?)
 //       One torch.optim.Adam step (L2 weight decay, no amsgrad/maximize) over flat fp32 buffers,
 //       in place. `step` (fp32, one element) is read and incremented inside the op, so a CUDA
 //       graph that captured the call replays correctly. `sync` (int32, one element, zero) lets the

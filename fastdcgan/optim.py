@@ -215,11 +215,12 @@ class FusedAdam(torch.optim.Optimizer):
 
     def bf16_copies(self):
         """[(param, copy, versions)] per group: `copy` is a bf16 copy of the group's flat
-        parameter buffer `param`, made on the first call (or when stale) and from then on
-        rewritten by every step() in its one launch; it holds the parameters' values while their
-        version counters read `versions` ({storage offset in param: version}; any in-place
-        change of a parameter moves its counter on). A bf16 training step reads its weights
-        from it instead of casting them (fastdcgan.kernels.weights.provide_copy)."""
+        parameter buffer `param`, made on the first call (rewritten in place when stale) and
+        from then on rewritten by every step() in its one launch; it holds the parameters'
+        values while their version counters read `versions` ({storage offset in param:
+        version}; any in-place change of a parameter moves its counter on). A bf16 training
+        step reads its weights from it instead of casting them
+        (fastdcgan.kernels.weights.provide_copy)."""
         for flat in self._flat:
             if flat.copy is None:
                 flat.copy = flat.param.to(torch.bfloat16)

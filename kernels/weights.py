@@ -57,7 +57,7 @@ def use_kernel_layout(module):
 class _StepScope:
     def __init__(self):
         self.casts = {}
-        self.copies = []   # (source, copy, source version) from provide_copy
+        self.copies = []   # (source, copy, versions) from provide_copy
 
 
 _scope = None

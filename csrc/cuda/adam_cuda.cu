@@ -84,16 +84,20 @@ __global__ void __launch_bounds__(kThreads)
 
 __global__ void increment_step_kernel(float* step) { *step += 1.0f; }
 
-bool aligned(const void* ptr, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+bool aligned(const void* ptr, uintptr_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
 
 template <bool kWeightDecay, bool kVec4>
 void launch_copying(float* p, const float* g, float* m, float* v, uint16_t* c, int64_t n,
                     float* step, unsigned int* sync, const AdamHyper& h, int blocks,
                     cudaStream_t stream) {
   if (c != nullptr)
-    adam_kernel<kWeightDecay, kVec4, true><<<blocks, kThreads, 0, stream>>>(p, g, m, v, c, n, step, sync, h);
+    adam_kernel<kWeightDecay, kVec4, true>
+        <<<blocks, kThreads, 0, stream>>>(p, g, m, v, c, n, step, sync, h);
   else
-    adam_kernel<kWeightDecay, kVec4, false><<<blocks, kThreads, 0, stream>>>(p, g, m, v, c, n, step, sync, h);
+    adam_kernel<kWeightDecay, kVec4, false>
+        <<<blocks, kThreads, 0, stream>>>(p, g, m, v, c, n, step, sync, h);
 }
 
 // Enough blocks to cover the buffer, at most a full wave (2048 threads per SM).

@@ -60,7 +60,8 @@ __global__ void __launch_bounds__(kThreads)
     const double2 sums = block_sum(loss, prob);
     if (threadIdx.x == 0) {
       total += sums.x / static_cast<double>(part_size);
-      static_cast<acc_t*>(mean_prob_out)[k] = static_cast<acc_t>(sums.y / static_cast<double>(part_size));
+      static_cast<acc_t*>(mean_prob_out)[k] =
+          static_cast<acc_t>(sums.y / static_cast<double>(part_size));
     }
   }
   if (threadIdx.x == 0) *static_cast<acc_t*>(loss_out) = static_cast<acc_t>(total);
