@@ -222,9 +222,8 @@ class FusedAdam(torch.optim.Optimizer):
         step reads its weights from it instead of casting them
         (fastdcgan.kernels.weights.provide_copy)."""
         for flat in self._flat:
-            if flat.copy is None:
-                flat.copy = flat.param.to(torch.bfloat16)
-                flat.copy_versions = flat.versions()
+            if flat.copy is None:   # never written: the refresh below fills it
+                flat.copy = torch.empty_like(flat.param, dtype=torch.bfloat16)
         self.refresh_bf16_copies()
         return [(f.param, f.copy, f.copy_versions) for f in self._flat]
 
@@ -234,9 +233,10 @@ class FusedAdam(torch.optim.Optimizer):
         reads the copies' memory, and the contract of a captured step is that parameters may be
         updated in place between replays."""
         for flat in self._flat:
-            if flat.copy is not None and flat.copy_versions != flat.versions():
+            versions = flat.versions()
+            if flat.copy is not None and flat.copy_versions != versions:
                 flat.copy.copy_(flat.param)
-                flat.copy_versions = flat.versions()
+                flat.copy_versions = versions
 
     # -- training ------------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True):
